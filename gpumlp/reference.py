@@ -1,0 +1,87 @@
+"""Numpy reference of the network: the specification every CUDA kernel is checked against.
+
+One function per operation a kernel implements, in float32, written for clarity. A batch of B
+samples is a 2-D array (B, n); the paper's online mode is B = 1. Layer l maps n_in -> n_out with
+W of shape (n_out, n_in) and b of shape (n_out,).
+
+Hidden units use the paper's scaled tanh y = A tanh(B a) (LeCun's 1.7159 tanh(2/3 a)); the output
+layer is linear and feeds a softmax with cross-entropy loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TANH_A = np.float32(1.7159)
+TANH_B = np.float32(0.6666)
+F32 = np.float32
+
+
+def scaled_tanh(a: np.ndarray) -> np.ndarray:
+    """y = A tanh(B a), any shape."""
+    return (TANH_A * np.tanh(TANH_B * a)).astype(F32)
+
+
+def scaled_tanh_derivative_from_output(y: np.ndarray) -> np.ndarray:
+    """dy/da expressed through y itself (so backward needs no stored pre-activation):
+    dy/da = A B (1 - tanh^2) = (B / A) (A^2 - y^2)."""
+    return ((TANH_B / TANH_A) * (TANH_A * TANH_A - y * y)).astype(F32)
+
+
+def layer_forward_ref(W: np.ndarray, b: np.ndarray, x: np.ndarray, activate: bool = True) -> np.ndarray:
+    """a = x W^T + b, then y = A tanh(B a) for hidden layers (activate=True) or y = a (output).
+
+    W (n_out, n_in), b (n_out,), x (B, n_in) -> y (B, n_out)."""
+    a = (x @ W.T + b).astype(F32)
+    return scaled_tanh(a) if activate else a
+
+
+def softmax_xent_ref(logits: np.ndarray, labels: np.ndarray):
+    """Softmax, cross-entropy loss, output delta and error count for a batch.
+
+    logits (B, n_classes), labels (B,) ints -> dict with
+      probs (B, n_classes); loss (B,) = -log p[label]; delta (B, n_classes) = p - onehot(label),
+      the gradient of the loss with respect to the logits; prediction (B,) int32 = argmax (first
+      maximum on ties); wrong (B,) int32 = prediction != label."""
+    logits = logits.astype(F32)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    probs = (exp / total).astype(F32)
+    rows = np.arange(len(labels))
+    loss = (np.log(total[:, 0]) - shifted[rows, labels]).astype(F32)
+    delta = probs.copy()
+    delta[rows, labels] -= F32(1)
+    prediction = logits.argmax(axis=1).astype(np.int32)
+    wrong = (prediction != labels).astype(np.int32)
+    return {"probs": probs, "loss": loss, "delta": delta, "prediction": prediction, "wrong": wrong}
+
+
+def backprop_delta_ref(W: np.ndarray, delta_out: np.ndarray, y_in: np.ndarray) -> np.ndarray:
+    """Delta of the layer below: (delta_out W) * f'(y_in), using W before its update.
+
+    W (n_out, n_in), delta_out (B, n_out), y_in (B, n_in) the scaled-tanh outputs of the layer
+    below -> delta_in (B, n_in)."""
+    return ((delta_out @ W) * scaled_tanh_derivative_from_output(y_in)).astype(F32)
+
+
+def sgd_update_ref(W, b, delta_out, x, lr, momentum=0.0, velocity_W=None, velocity_b=None):
+    """One SGD step on the mean gradient of the batch, in place.
+
+    W (n_out, n_in), b (n_out,), delta_out (B, n_out), x (B, n_in) the layer's input.
+    grad_W = delta_out^T x / B, grad_b = mean of delta_out over the batch.
+    Without momentum: W -= lr grad. With momentum mu: v = mu v - lr grad; W += v (velocities
+    (n_out, n_in) and (n_out,) updated in place)."""
+    batch = F32(delta_out.shape[0])
+    grad_W = ((delta_out.T @ x) / batch).astype(F32)
+    grad_b = (delta_out.sum(axis=0) / batch).astype(F32)
+    lr = F32(lr)
+    if momentum:
+        velocity_W *= F32(momentum)
+        velocity_W -= lr * grad_W
+        velocity_b *= F32(momentum)
+        velocity_b -= lr * grad_b
+        W += velocity_W
+        b += velocity_b
+    else:
+        W -= lr * grad_W
+        b -= lr * grad_b
