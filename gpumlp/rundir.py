@@ -1,0 +1,206 @@
+"""The run directory: what a training run leaves behind, always written atomically.
+
+    config.json           every setting, the code version, the device
+    metrics.jsonl / .csv  one record per epoch (METRIC_FIELDS)
+    checkpoint.npz        parameters and velocities after the last checkpointed epoch (resume)
+    best.npz              parameters at the epoch of best validation error
+    predictions.npz       test-set softmax outputs at the best-validation epoch and at the end
+    snapshots/epoch_NNNN.npz  first-layer weights and the metrics so far, for the report's GIF
+    summary.json          the paper's two columns, total time, weights_sha256
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gpumlp.errors import UserError
+
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "val_error", "test_error", "seconds"]
+SNAPSHOT_UNITS = 100
+
+
+class RunDirError(UserError):
+    """A run directory that cannot be used (missing, incomplete, or from another configuration)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_npz(path: Path, **arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def code_version() -> str:
+    """The package version plus the git commit (and '-dirty') when run from a checkout."""
+    from gpumlp import __version__
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if not commit:
+        return __version__
+    return f"{__version__}+g{commit}{'-dirty' if dirty else ''}"
+
+
+def weights_sha256(params) -> str:
+    """SHA-256 of the parameters in a fixed order: W1, b1, W2, b2, ... each as little-endian
+    float32 in C (row-major) order. Two runs with equal hashes ended with identical weights."""
+    digest = hashlib.sha256()
+    for W, b in params:
+        for array in (W, b):
+            digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+def params_to_arrays(prefix: str, pairs) -> dict:
+    arrays = {}
+    for layer, (W, b) in enumerate(pairs):
+        arrays[f"{prefix}W{layer}"] = W
+        arrays[f"{prefix}b{layer}"] = b
+    return arrays
+
+
+def arrays_to_params(prefix: str, arrays) -> list:
+    pairs, layer = [], 0
+    while f"{prefix}W{layer}" in arrays:
+        pairs.append((np.array(arrays[f"{prefix}W{layer}"]), np.array(arrays[f"{prefix}b{layer}"])))
+        layer += 1
+    return pairs
+
+
+def default_run_dir(base: str = "runs") -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / stamp
+    suffix = 1
+    while path.exists():
+        path = Path(base) / f"{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -- creation and resume -------------------------------------------------------------------
+    def create(self, config: dict) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(f"run directory {self.path} already exists and is not empty; "
+                              f"choose another --out or continue it with --resume {self.path}")
+        (self.path / "snapshots").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / "config.json", config)
+        self.write_metrics([])
+
+    def load_config(self) -> dict:
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} is not a run directory (no config.json)") from None
+        except json.JSONDecodeError as error:
+            raise RunDirError(f"{self.path}/config.json is not valid JSON ({error})") from None
+
+    # -- metrics -------------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """Rewrites both metric files whole, so a resumed run drops epochs after its checkpoint."""
+        atomic_write_bytes(self.path / "metrics.jsonl",
+                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write_bytes(self.path / "metrics.csv", text.getvalue().encode())
+
+    # -- parameters ----------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, state: dict, best: dict) -> None:
+        atomic_write_npz(self.path / "checkpoint.npz", epoch=np.int64(epoch),
+                         best_epoch=np.int64(best.get("epoch", 0)),
+                         best_val_error=np.float64(best.get("val_error", np.inf)),
+                         **params_to_arrays("", state["params"]),
+                         **params_to_arrays("velocity_", state["velocities"]))
+
+    def load_checkpoint(self):
+        path = self.path / "checkpoint.npz"
+        if not path.exists():
+            raise RunDirError(f"{self.path} has no checkpoint.npz to resume from")
+        with np.load(path) as data:
+            state = {"params": arrays_to_params("", data),
+                     "velocities": arrays_to_params("velocity_", data)}
+            best = {"epoch": int(data["best_epoch"]), "val_error": float(data["best_val_error"])}
+            return int(data["epoch"]), state, best
+
+    def save_best(self, epoch: int, params) -> None:
+        atomic_write_npz(self.path / "best.npz", epoch=np.int64(epoch), **params_to_arrays("", params))
+
+    def load_params(self, which: str = "best"):
+        """'best' (best validation epoch) or 'checkpoint' (last checkpoint)."""
+        path = self.path / f"{which}.npz"
+        if not path.exists():
+            raise RunDirError(f"{path} not found")
+        with np.load(path) as data:
+            return arrays_to_params("", data)
+
+    def save_predictions(self, best_val_probs, final_probs, test_labels) -> None:
+        atomic_write_npz(self.path / "predictions.npz", best_val_probs=best_val_probs,
+                         final_probs=final_probs, test_labels=test_labels)
+
+    def save_snapshot(self, epoch: int, first_layer_W: np.ndarray) -> None:
+        atomic_write_npz(self.path / "snapshots" / f"epoch_{epoch:04d}.npz", epoch=np.int64(epoch),
+                         W=first_layer_W[:SNAPSHOT_UNITS].astype(np.float16))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def read_summary(self) -> dict:
+        path = self.path / "summary.json"
+        if not path.exists():
+            raise RunDirError(f"{self.path} has no summary.json (the run has not finished an epoch)")
+        return json.loads(path.read_text())
+
+
+def snapshot_epochs(epochs: int, count: int = 40) -> set[int]:
+    """Epochs at which to keep a first-layer snapshot: dense early (where the filters change most),
+    geometric later, always the last; at most about `count` files whatever the run length."""
+    chosen = {1, epochs}
+    value = 1.0
+    ratio = max(epochs, 2) ** (1.0 / max(count - 1, 1))
+    while value < epochs:
+        chosen.add(int(round(value)))
+        value = max(value * ratio, value + 1)
+    return {e for e in chosen if 1 <= e <= epochs}
