@@ -35,6 +35,15 @@ def layer_forward_ref(W: np.ndarray, b: np.ndarray, x: np.ndarray, activate: boo
     return scaled_tanh(a) if activate else a
 
 
+def forward_all(params, x: np.ndarray) -> list[np.ndarray]:
+    """Activations (a composition of layer_forward_ref, no kernel of its own) of every layer for a batch x (B, 841): [x, y1, ..., logits]."""
+    activations = [x]
+    last = len(params) - 1
+    for layer, (W, b) in enumerate(params):
+        activations.append(layer_forward_ref(W, b, activations[-1], activate=layer < last))
+    return activations
+
+
 def softmax_xent_ref(logits: np.ndarray, labels: np.ndarray):
     """Softmax, cross-entropy loss, output delta and error count for a batch.
 

@@ -10,20 +10,11 @@ from gpumlp.deform import deform_images_ref
 EVAL_BATCH = 1000
 
 
-def forward_all(params, x: np.ndarray) -> list[np.ndarray]:
-    """Activations of every layer for a batch x (B, 841): [x, y1, ..., logits]."""
-    activations = [x]
-    last = len(params) - 1
-    for layer, (W, b) in enumerate(params):
-        activations.append(reference.layer_forward_ref(W, b, activations[-1], activate=layer < last))
-    return activations
-
-
 def predict_probs(params, images: np.ndarray) -> np.ndarray:
     """Softmax outputs (N, 10) for images (N, 841), in batches to bound memory."""
     chunks = []
     for start in range(0, len(images), EVAL_BATCH):
-        logits = forward_all(params, images[start:start + EVAL_BATCH])[-1]
+        logits = reference.forward_all(params, images[start:start + EVAL_BATCH])[-1]
         chunks.append(reference.softmax_xent_ref(logits, np.zeros(len(logits), np.int32))["probs"])
     return np.concatenate(chunks) if chunks else np.zeros((0, params[-1][0].shape[0]), np.float32)
 
@@ -65,7 +56,7 @@ class CpuTrainer:
         return loss_total / len(order), wrong_total / len(order)
 
     def step(self, x, labels, lr):
-        activations = forward_all(self.params, x)
+        activations = reference.forward_all(self.params, x)
         out = reference.softmax_xent_ref(activations[-1], labels)
         delta = out["delta"]
         for layer in reversed(range(len(self.params))):
