@@ -11,8 +11,15 @@ from gpumlp.config import DEFAULT_LR_DECAY, TrainConfig, validate
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; we print the error alone, on one line."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="reproduce_2010.py",
         description="Reproduce Ciresan et al. (2010): a deep, big, simple MLP trained by online "
                     "back-propagation on MNIST digits deformed anew every epoch.",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from gpumlp import reference
-from gpumlp.deform import deform_images_ref
 
 EVAL_BATCH = 1000
 
@@ -37,6 +36,7 @@ class CpuTrainer:
     def deformed_training_set(self, epoch: int) -> np.ndarray:
         if self.deform_config is None:
             return self.train_images
+        from gpumlp.deform import deform_images_ref
         indices = np.arange(len(self.train_images), dtype=np.int32)
         return deform_images_ref(self.train_images, self.train_labels, indices, self.seed, epoch,
                                  self.deform_config)[0]

@@ -1,0 +1,197 @@
+"""Training on a device (`--device cuda` or `--device emulate`): everything resident on the device.
+
+The dataset is uploaded once. Each epoch the deformation kernel makes every deformed image on the
+device; then the per-sample launch sequence (gather, forward, softmax, backward+update, finish) for
+`graph_steps` consecutive steps is captured once into a graph and replayed for every chunk of the
+epoch. The kernels read the position in the epoch from a device counter that the last kernel of a
+step advances, so one graph serves every chunk, and only two numbers per epoch (the summed loss and
+error count) come back to the host. On the emulator the same launches are recorded and replayed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpumlp import ops_deform, ops_mlp
+from gpumlp.errors import UserError
+
+GRAPH_STEPS_CUDA = 1000     # ~20k nodes for net 4 online: capture cost is amortised over the epoch
+GRAPH_STEPS_EMULATED = 64   # smaller graphs keep emulated test runs quick
+EVAL_BATCH_CUDA = 2000
+EVAL_BATCH_EMULATED = 128
+
+
+class DeviceMemoryError(UserError):
+    """The run does not fit in the GPU's free memory."""
+
+
+class DeviceTrainer:
+    def __init__(self, device, params, split, config, log=print):
+        self.device = device
+        self.config = config
+        self.batch_size = config.batch_size
+        self.momentum = np.float32(config.momentum)
+        self.deform_config = config.deform_config()
+        self.seed = config.seed
+        self.sizes = config.sizes
+        self.device_name = device.name + (" (emulated)" if device.is_emulated else "")
+        self.graph_steps = config.graph_steps or (GRAPH_STEPS_EMULATED if device.is_emulated else GRAPH_STEPS_CUDA)
+        self.eval_batch = EVAL_BATCH_EMULATED if device.is_emulated else EVAL_BATCH_CUDA
+
+        needed = self.memory_needed(len(split.train_labels), len(split.val_labels) if split.val_images is not split.train_images else 0,
+                                    len(split.test_labels))
+        self.check_memory(needed, log)
+
+        d = device
+        self.train_images_host = split.train_images
+        self.train_images = d.asarray(split.train_images, np.float32)
+        self.train_labels = d.asarray(split.train_labels, np.int32)
+        self.n_train = len(split.train_labels)
+        self.epoch_images = d.empty(self.train_images.shape) if self.deform_config else self.train_images
+        self.deform_params = d.empty((self.n_train, 4)) if self.deform_config else None
+        self.order = d.zeros(self.n_train, np.int32)
+        self.cursor = d.zeros(1, np.int32)
+        self.loss_total = d.zeros(1, np.float64)
+        self.wrong_total = d.zeros(1, np.int32)
+        self._eval_cache = {}
+        self.eval_activations = [d.empty((self.eval_batch, n)) for n in self.sizes[1:]]
+
+        self.params = [(d.asarray(W), d.asarray(b)) for W, b in params]
+        self.velocities = [(d.zeros(W.shape), d.zeros(b.shape)) for W, b in params] if config.momentum else None
+        self.buffers = {B: self.step_buffers(B) for B in {self.batch_size, self.n_train % self.batch_size} if B}
+
+    # -- memory ----------------------------------------------------------------------------------
+    def memory_needed(self, n_train, n_val_separate, n_test) -> int:
+        """Bytes of device memory the run allocates (params, velocities, images, workspaces)."""
+        sizes, B = self.sizes, self.batch_size
+        weights = sum(n_out * n_in + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        params = 4 * weights * (2 if self.config.momentum else 1)
+        images = 4 * sizes[0] * (n_train * (2 if self.deform_config else 1) + n_val_separate + n_test)
+        per_sample = 4 * n_train * (1 + 1 + 4)  # labels, order, deformation parameters
+        activations = 4 * B * sum(sizes) * 2 + 4 * ops_mlp.partial_rows(max(sizes[1:])) * max(sizes)
+        evaluation = 4 * self.eval_batch * sum(sizes)
+        return params + images + per_sample + activations + evaluation
+
+    def check_memory(self, needed: int, log) -> None:
+        if self.device.is_emulated:
+            log(f"device memory needed: {needed / 2**20:,.0f} MiB (emulated in host memory)")
+            return
+        free, total = self.device.cupy.cuda.runtime.memGetInfo()
+        log(f"device memory needed: {needed / 2**20:,.0f} MiB of {free / 2**20:,.0f} MiB free "
+            f"({total / 2**20:,.0f} MiB total)")
+        if needed > 0.95 * free:
+            raise DeviceMemoryError(
+                f"the run needs {needed / 2**20:,.0f} MiB of device memory but only {free / 2**20:,.0f} MiB "
+                f"is free: use a smaller net, fewer --train-images, or a larger GPU")
+
+    def step_buffers(self, B: int) -> dict:
+        d, sizes = self.device, self.sizes
+        return {
+            "x": d.empty((B, sizes[0])),
+            "labels": d.empty(B, np.int32),
+            "activations": [d.empty((B, n)) for n in sizes[1:]],
+            "deltas": [d.empty((B, n)) for n in sizes[1:]],
+            "partial": d.empty((ops_mlp.partial_rows(max(sizes[1:])), max(sizes))),
+            "loss": d.empty(B),
+            "wrong": d.empty(B, np.int32),
+            "prediction": d.empty(B, np.int32),
+        }
+
+    # -- training --------------------------------------------------------------------------------
+    def launch_step(self, B: int, lr: np.float32) -> None:
+        """The launch sequence of one training step on the next B samples of the epoch."""
+        d, buf = self.device, self.buffers[B]
+        ops_mlp.gather_batch(d, self.epoch_images, self.train_labels, self.order, self.cursor,
+                             buf["x"], buf["labels"], B)
+        inputs = [buf["x"], *buf["activations"][:-1]]
+        last = len(self.params) - 1
+        for layer, (W, b) in enumerate(self.params):
+            ops_mlp.layer_forward(d, W, b, inputs[layer], buf["activations"][layer], activate=layer < last)
+        ops_mlp.softmax_xent(d, buf["activations"][-1], buf["labels"], buf["deltas"][-1],
+                             buf["loss"], buf["wrong"], buf["prediction"])
+        for layer in reversed(range(len(self.params))):
+            W, b = self.params[layer]
+            vW, vb = self.velocities[layer] if self.velocities else (None, None)
+            delta_below = buf["deltas"][layer - 1] if layer else None
+            ops_mlp.backward_update(d, W, b, buf["deltas"][layer], inputs[layer], delta_below,
+                                    buf["partial"], lr, self.momentum, vW, vb)
+        ops_mlp.finish_step(d, buf["loss"], buf["wrong"], self.loss_total, self.wrong_total, self.cursor)
+
+    def capture_steps(self, steps: int, B: int, lr: np.float32):
+        with self.device.capture() as graph:
+            for _ in range(steps):
+                self.launch_step(B, lr)
+        return graph
+
+    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
+        d, B = self.device, self.batch_size
+        lr = np.float32(lr)
+        if self.deform_config is not None:
+            ops_deform.deform_images(d, self.train_images, self.train_labels, None, self.epoch_images,
+                                     self.deform_params, self.seed, epoch, self.deform_config)
+        self.order[...] = d.asarray(order, np.int32)
+        self.cursor.fill(0)
+        self.loss_total.fill(0)
+        self.wrong_total.fill(0)
+        full_steps, tail = divmod(len(order), B)
+        chunk = min(self.graph_steps, full_steps)
+        if chunk:
+            graph = self.capture_steps(chunk, B, lr)
+            for done in range(0, full_steps - full_steps % chunk, chunk):
+                graph.replay()
+                if progress is not None:
+                    progress((done + chunk) * B)
+        remaining = full_steps % chunk if chunk else 0
+        if remaining:
+            self.capture_steps(remaining, B, lr).replay()
+        if tail:
+            self.capture_steps(1, tail, lr).replay()
+        d.synchronize()
+        loss = float(d.to_host(self.loss_total)[0]) / len(order)
+        wrong = int(d.to_host(self.wrong_total)[0])
+        return loss, wrong / len(order)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def device_images(self, images: np.ndarray):
+        """The device copy of an evaluation set, uploaded once (the training set is reused)."""
+        key = id(images)
+        if key not in self._eval_cache:
+            self._eval_cache[key] = (images, self.device.asarray(images, np.float32))
+        return self._eval_cache[key][1]
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        """Softmax outputs (N, 10): the forward kernels run on the device over batches; the logits
+        (10 numbers an image) come back and are normalised on the host."""
+        d = self.device
+        if len(images) == 0:
+            return np.zeros((0, self.sizes[-1]), np.float32)
+        source = self.train_images if images is self.train_images_host else self.device_images(images)
+        E = self.eval_batch
+        logits = []
+        last = len(self.params) - 1
+        for start in range(0, len(images), E):
+            x = source[start:start + E]
+            n = len(x)
+            outs = [a[:n] for a in self.eval_activations]
+            inputs = [x, *outs[:-1]]
+            for layer, (W, b) in enumerate(self.params):
+                ops_mlp.layer_forward(d, W, b, inputs[layer], outs[layer], activate=layer < last)
+            logits.append(d.to_host(outs[-1]).copy())
+        logits = np.concatenate(logits).astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    # -- state -----------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        d = self.device
+        host = lambda pairs: [(d.to_host(W).copy(), d.to_host(b).copy()) for W, b in pairs]  # noqa: E731
+        velocities = host(self.velocities) if self.velocities else [(np.zeros(W.shape, np.float32), np.zeros(b.shape, np.float32)) for W, b in self.params]
+        return {"params": host(self.params), "velocities": velocities}
+
+    def set_state(self, state: dict) -> None:
+        for (W, b), (W_host, b_host) in zip(self.params, state["params"]):
+            W[...] = self.device.asarray(W_host)
+            b[...] = self.device.asarray(b_host)
+        if self.velocities:
+            for (vW, vb), (vW_host, vb_host) in zip(self.velocities, state["velocities"]):
+                vW[...] = self.device.asarray(vW_host)
+                vb[...] = self.device.asarray(vb_host)
