@@ -1,0 +1,87 @@
+"""Checks kernel arguments against the parameter types g++ saw, and packs them into the 8-byte
+slots the runtime hands to the kernel's entry point.
+
+A bare Python int or float is refused like on the GPU path (CuPy would send it as a 64-bit value,
+silently wrong for an `int` or `float` parameter); a numpy scalar must be exactly the parameter's
+C type, and an array must be C-contiguous and of the pointee's dtype (any dtype for `void*` and
+structs such as `float4*`).
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from gpumlp.device import KernelArgumentError
+
+# Type code (launch_glue.h) -> (numpy type, C name, struct format of its 8-byte slot).
+SCALARS = {
+    "f": (np.float32, "float", "f4x"),
+    "d": (np.float64, "double", "d"),
+    "i": (np.int32, "int", "i4x"),
+    "I": (np.uint32, "unsigned int", "I4x"),
+    "q": (np.int64, "long long", "q"),
+    "Q": (np.uint64, "unsigned long long", "Q"),
+    "h": (np.int16, "short", "h6x"),
+    "H": (np.uint16, "unsigned short", "H6x"),
+    "b": (np.int8, "signed char", "b7x"),
+    "B": (np.uint8, "unsigned char", "B7x"),
+    "?": (np.bool_, "bool", "?7x"),
+}
+
+
+class Parameter:
+    def __init__(self, name: str, kind: str, pointee: str):
+        self.name = name
+        self.is_pointer = kind == "P"
+        if self.is_pointer:
+            scalar = SCALARS.get(pointee)
+            self.dtype = np.dtype(scalar[0]) if scalar else None
+            self.c_type = (scalar[1] if scalar else "void" if pointee == "v" else "struct") + "*"
+            self.slot_format = "Q"
+        else:
+            scalar_type, self.c_type, self.slot_format = SCALARS.get(kind, (None, "struct", None))
+            self.scalar_type = scalar_type
+
+
+class ArgumentPacker:
+    def __init__(self, kernel_name: str, signature: str, parameter_names: tuple[str, ...]):
+        kinds = [signature[i:i + 2] for i in range(0, len(signature), 2)]
+        if len(parameter_names) != len(kinds):
+            parameter_names = tuple(f"#{i}" for i in range(len(kinds)))
+        self.kernel_name = kernel_name
+        self.parameters = [Parameter(name, kind[0], kind[1]) for name, kind in zip(parameter_names, kinds)]
+        self._unsupported = next((p for p in self.parameters if p.slot_format is None), None)
+        self._slots = struct.Struct("<" + "".join(p.slot_format or "" for p in self.parameters))
+
+    def _refuse(self, parameter: Parameter, problem: str):
+        raise KernelArgumentError(f"{self.kernel_name}: parameter '{parameter.name}' ({parameter.c_type}) {problem}")
+
+    def pack(self, args) -> bytes:
+        if self._unsupported is not None:
+            self._refuse(self._unsupported, "is a struct passed by value, which the emulator cannot pass")
+        if len(args) != len(self.parameters):
+            raise KernelArgumentError(f"{self.kernel_name}: takes {len(self.parameters)} arguments "
+                                      f"({', '.join(p.name for p in self.parameters)}), got {len(args)}")
+        values = []
+        for parameter, value in zip(self.parameters, args):
+            if parameter.is_pointer:
+                values.append(self._pointer(parameter, value))
+            elif type(value) is parameter.scalar_type:
+                values.append(value)
+            elif isinstance(value, (bool, int, float, complex)):
+                self._refuse(parameter, f"got a bare Python {type(value).__name__} ({value!r}); "
+                                        f"wrap it as numpy.{parameter.scalar_type.__name__}")
+            else:
+                self._refuse(parameter, f"needs numpy.{parameter.scalar_type.__name__}, "
+                                        f"got {type(value).__module__}.{type(value).__name__}")
+        return self._slots.pack(*values)
+
+    def _pointer(self, parameter: Parameter, value) -> int:
+        if not isinstance(value, np.ndarray):
+            self._refuse(parameter, f"needs a numpy array, got {type(value).__module__}.{type(value).__name__}")
+        if not value.flags.c_contiguous:
+            self._refuse(parameter, "needs a C-contiguous array (use numpy.ascontiguousarray)")
+        if parameter.dtype is not None and value.dtype != parameter.dtype:
+            self._refuse(parameter, f"needs a {parameter.dtype} array, got {value.dtype}")
+        return value.ctypes.data
