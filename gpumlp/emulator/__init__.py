@@ -44,6 +44,8 @@ def _runtime():
 
 
 def _dimensions(value, what: str) -> tuple[int, int, int]:
+    if type(value) is int and 0 < value < 2**32:
+        return value, 1, 1
     extents = (value,) if not isinstance(value, (tuple, list)) else tuple(value)
     if not 1 <= len(extents) <= 3:
         raise ValueError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")

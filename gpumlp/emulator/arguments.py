@@ -66,10 +66,13 @@ class ArgumentPacker:
         values = []
         for parameter, value in zip(self.parameters, args):
             if parameter.is_pointer:
-                values.append(self._pointer(parameter, value))
+                if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype is parameter.dtype:
+                    values.append(value.ctypes.data)
+                else:
+                    values.append(self._pointer(parameter, value))
             elif type(value) is parameter.scalar_type:
                 values.append(value)
-            elif isinstance(value, (bool, int, float, complex)):
+            elif isinstance(value, (bool, int, float, complex)) and not isinstance(value, np.generic):
                 self._refuse(parameter, f"got a bare Python {type(value).__name__} ({value!r}); "
                                         f"wrap it as numpy.{parameter.scalar_type.__name__}")
             else:
