@@ -1,0 +1,64 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def assert_close(actual, ref, atol: float, rtol: float, what: str) -> float:
+    """Assert |actual - ref| <= atol + rtol |ref| elementwise (NaN anywhere fails); return the max
+    absolute error. On failure the message names the worst element (largest error relative to
+    its bound), its index, both values and how many elements are out of bounds."""
+    actual = np.asarray(actual)
+    ref = np.asarray(ref)
+    if actual.shape != ref.shape:
+        raise AssertionError(f"{what}: shape {actual.shape} != reference shape {ref.shape}")
+    a = actual.astype(np.float64)
+    r = ref.astype(np.float64)
+    err = np.abs(a - r)
+    bound = atol + rtol * np.abs(r)
+    bad = ~(err <= bound)   # also catches NaN in either array
+    max_err = float(np.nanmax(err)) if err.size and not np.isnan(err).all() else 0.0
+    if bad.any():
+        excess = np.where(np.isnan(err), np.inf, err / np.maximum(bound, np.finfo(np.float64).tiny))
+        flat = int(np.argmax(np.where(bad, excess, -1.0)))
+        index = np.unravel_index(flat, actual.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|; "
+            f"worst at index {tuple(int(i) for i in index)}: actual {a[index]!r}, reference {r[index]!r}, "
+            f"error {err[index]:.3g} > bound {bound[index]:.3g}; max abs error {max_err:.3g}")
+    return max_err
+
+
+def assert_bitwise_equal(actual, ref, what: str) -> None:
+    """Assert identical bits (so -0.0 != 0.0 and NaN payloads count); names the first mismatch."""
+    actual = np.ascontiguousarray(actual)
+    ref = np.ascontiguousarray(ref)
+    if actual.shape != ref.shape or actual.dtype != ref.dtype:
+        raise AssertionError(f"{what}: {actual.dtype} {actual.shape} != reference {ref.dtype} {ref.shape}")
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
+    differ = actual.view(bits) != ref.view(bits)
+    if differ.any():
+        index = np.unravel_index(int(np.argmax(differ)), actual.shape)
+        raise AssertionError(
+            f"{what}: {int(differ.sum())} of {differ.size} elements differ; first at index "
+            f"{tuple(int(i) for i in index)}: actual {actual[index]!r}, reference {ref[index]!r}")
+
+
+def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
+    """n digit-like 29 x 29 images, float32 (n, 841): a random ellipse outline and a random bar,
+    anti-aliased, on background -1 with a 4-pixel margin like MNIST's padded digits."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:29, 0:29].astype(np.float64)
+    images = np.empty((n, 841), dtype=np.float32)
+    for i in range(n):
+        cx, cy = rng.uniform(11, 17, size=2)
+        rx, ry = rng.uniform(3, 7), rng.uniform(4, 9)
+        ring = np.abs(np.hypot((x - cx) / rx, (y - cy) / ry) - 1) * min(rx, ry)
+        angle = rng.uniform(0, np.pi)
+        bar = np.abs((x - cx) * np.sin(angle) - (y - cy) * np.cos(angle))
+        bar[np.hypot(x - cx, y - cy) > 8] = np.inf
+        ink = np.clip(1.6 - np.minimum(ring, bar), 0, 1)
+        ink[:4] = ink[-4:] = 0
+        ink[:, :4] = ink[:, -4:] = 0
+        images[i] = (2 * ink - 1).ravel()
+    return images
