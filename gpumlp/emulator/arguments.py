@@ -9,6 +9,7 @@ structs such as `float4*`).
 from __future__ import annotations
 
 import struct
+import weakref
 
 import numpy as np
 
@@ -28,6 +29,25 @@ SCALARS = {
     "B": (np.uint8, "unsigned char", "B7x"),
     "?": (np.bool_, "bool", "?7x"),
 }
+
+
+# Reading an array's data pointer costs microseconds (numpy builds a ctypes or dict object), about
+# as much as a whole launch of a small kernel; training relaunches with the same arrays, so the
+# pointers are remembered by id, with a weak reference that tells a reused id from the same array.
+# (An array's data never moves, short of ndarray.resize(refcheck=False).)
+_POINTER_CACHE_SIZE = 1024
+_pointer_cache: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def data_pointer(array: np.ndarray) -> int:
+    entry = _pointer_cache.get(id(array))
+    if entry is not None and entry[0]() is array:
+        return entry[1]
+    if len(_pointer_cache) >= _POINTER_CACHE_SIZE:
+        _pointer_cache.clear()
+    pointer = array.ctypes.data
+    _pointer_cache[id(array)] = (weakref.ref(array), pointer)
+    return pointer
 
 
 class Parameter:
@@ -67,7 +87,7 @@ class ArgumentPacker:
         for parameter, value in zip(self.parameters, args):
             if parameter.is_pointer:
                 if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype is parameter.dtype:
-                    values.append(value.ctypes.data)
+                    values.append(data_pointer(value))
                 else:
                     values.append(self._pointer(parameter, value))
             elif type(value) is parameter.scalar_type:
@@ -87,4 +107,4 @@ class ArgumentPacker:
             self._refuse(parameter, "needs a C-contiguous array (use numpy.ascontiguousarray)")
         if parameter.dtype is not None and value.dtype != parameter.dtype:
             self._refuse(parameter, f"needs a {parameter.dtype} array, got {value.dtype}")
-        return value.ctypes.data
+        return data_pointer(value)

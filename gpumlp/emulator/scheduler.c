@@ -113,7 +113,10 @@ static struct {
     int thread_count, reverse_order, current, exited;
     int barrier_arrived, barrier_result;
     unsigned int warp_arrived[MAX_THREADS / 32];
-    int resume_position;  // where the scheduler's scan continues after a release; -1: after current
+    int position;         // of the running fiber in the run order
+    int resume_position;  // where the scan continues after a release; -1: after the running fiber
+    int progressed;       // whether a fiber ran since the scan last started at position 0
+    int deadlocked;
     int failed;
     char *message;
     size_t message_size;
@@ -138,6 +141,50 @@ static void append(const char *format, ...) {
 }
 
 static void yield_to_scheduler(void) { context_switch(&S.fibers[S.current].context, &S.scheduler); }
+
+static void report_deadlock(void);
+
+// The next fiber to run in run order, or -1 when every thread exited or none can run (deadlock).
+static int next_runnable(void) {
+    const int n = S.thread_count;
+    for (;;) {
+        if (S.exited == n) return -1;
+        if (S.position == n) {
+            if (!S.progressed) {
+                report_deadlock();
+                S.deadlocked = 1;
+                return -1;
+            }
+            S.position = 0;
+            S.progressed = 0;
+            continue;
+        }
+        int tid = S.reverse_order ? n - 1 - S.position : S.position;
+        if (S.fibers[tid].state == RUNNABLE) return tid;
+        ++S.position;
+    }
+}
+
+static void run_fiber(fiber_context *from, int tid) {
+    S.current = tid;
+    threadIdx = S.fibers[tid].index;
+    context_switch(from, &S.fibers[tid].context);
+}
+
+// The running fiber blocked or exited: switch straight to the next runnable one (half the
+// switches of going through the scheduler), or back to the scheduler when the block is over.
+static void switch_away(void) {
+    int self = S.current;
+    S.position = S.resume_position >= 0 ? S.resume_position : S.position + 1;
+    S.resume_position = -1;
+    S.progressed = 1;
+    int next = next_runnable();
+    if (next < 0) {
+        yield_to_scheduler();
+    } else if (next != self) {
+        run_fiber(&S.fibers[self].context, next);
+    }
+}
 
 // The scheduler never resumes a fiber after this: the launch ends with S.message as its error.
 [[noreturn]] static void abandon_launch(void) {
@@ -240,7 +287,7 @@ extern "C" GPUMLP_EXPORT int gpumlp_barrier(int line, int reduction, int predica
     f->barrier_reduction = reduction;
     f->predicate = predicate != 0;
     if (++S.barrier_arrived == S.thread_count) release_barrier();
-    yield_to_scheduler();
+    switch_away();
     return S.barrier_result;
 }
 
@@ -307,7 +354,7 @@ extern "C" GPUMLP_EXPORT unsigned long long gpumlp_warp_op(int kind, unsigned in
     f->state = AT_WARP_OP;
     S.warp_arrived[warp_index] |= 1u << lane;
     if ((S.warp_arrived[warp_index] & group) == group) release_warp_op(warp_index, group, &f->op);
-    yield_to_scheduler();
+    switch_away();
     return f->op.result;
 }
 
@@ -316,7 +363,7 @@ static void fiber_main(void) {
     S.entry(S.arguments);
     S.fibers[S.current].state = EXITED;
     ++S.exited;
-    yield_to_scheduler();
+    switch_away();
     __builtin_unreachable();
 }
 
@@ -326,45 +373,20 @@ static void report_deadlock(void) {
     append("; a barrier or warp operation waits for threads that never reach it");
 }
 
-// Runs every fiber until it blocks, in thread order (or reversed); 0 when the block finished.
+// Runs the fibers of the block in thread order (or reversed) until all exit; 0 when they did.
 static int run_block(void) {
-    const int n = S.thread_count;
-    for (int tid = 0; tid < n; ++tid) {
+    for (int tid = 0; tid < S.thread_count; ++tid) {
         fiber *f = &S.fibers[tid];
         context_prepare(&f->context, S.stacks + tid * S.stack_stride + S.stack_stride - STACK_BYTES, STACK_BYTES,
                         fiber_main);
         f->state = RUNNABLE;
         f->index = uint3{tid % blockDim.x, tid / blockDim.x % blockDim.y, tid / (blockDim.x * blockDim.y)};
     }
-    S.exited = 0;
-    S.barrier_arrived = 0;
+    S.exited = S.barrier_arrived = S.deadlocked = S.progressed = S.position = 0;
+    S.resume_position = -1;
     memset(S.warp_arrived, 0, sizeof S.warp_arrived);
-    int position = 0, progressed = 0;
-    while (S.exited < n) {
-        if (position == n) {
-            if (!progressed) {
-                report_deadlock();
-                return 1;
-            }
-            position = 0;
-            progressed = 0;
-            continue;
-        }
-        int tid = S.reverse_order ? n - 1 - position : position;
-        fiber *f = &S.fibers[tid];
-        if (f->state != RUNNABLE) {
-            ++position;
-            continue;
-        }
-        S.current = tid;
-        threadIdx = f->index;
-        S.resume_position = -1;
-        context_switch(&S.scheduler, &f->context);
-        if (S.failed) return 1;
-        progressed = 1;
-        position = S.resume_position >= 0 ? S.resume_position : position + 1;
-    }
-    return 0;
+    run_fiber(&S.scheduler, next_runnable());
+    return S.failed || S.deadlocked;
 }
 
 // ---- crash containment -------------------------------------------------------------------------
@@ -377,9 +399,11 @@ static void *volatile crash_address;
 
 static void on_crash(int signal_number, siginfo_t *info, void *) {
     if (!crash_armed || !pthread_equal(pthread_self(), S.owner)) {
-        // Not ours: hand the signal to whoever handled it before, by restoring that and re-faulting.
+        // Not a kernel's: give it to whoever handled it before. A fault recurs on return; a signal
+        // sent by kill() or raise() must be sent again.
         for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i)
             if (crash_signals[i] == signal_number) sigaction(signal_number, &previous_actions[i], nullptr);
+        if (info->si_code <= 0) raise(signal_number);
         return;
     }
     crash_armed = 0;
@@ -388,19 +412,12 @@ static void on_crash(int signal_number, siginfo_t *info, void *) {
     siglongjmp(crash_jump, 1);
 }
 
-static void ensure_alternate_signal_stack(void) {
-    // A fiber that overflows its stack faults on the guard page: the handler needs another stack.
-    stack_t current;
-    if (sigaltstack(nullptr, &current) == 0 && !(current.ss_flags & SS_DISABLE)) return;
-    static thread_local char *handler_stack;
-    if (!handler_stack) handler_stack = (char *)malloc(64 * 1024);
-    stack_t ours = {};
-    ours.ss_sp = handler_stack;
-    ours.ss_size = 64 * 1024;
-    sigaltstack(&ours, nullptr);
-}
-
-static void arm_crash_handlers(void) {
+// The handlers stay installed between launches (a launch then costs one system call for this, not
+// ten); they are put back if someone replaced them, as Python's faulthandler.enable() does.
+static void ensure_crash_handlers(void) {
+    struct sigaction current;
+    sigaction(SIGSEGV, nullptr, &current);
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_crash) return;
     struct sigaction action = {};
     action.sa_sigaction = on_crash;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -408,9 +425,17 @@ static void arm_crash_handlers(void) {
     for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i) sigaction(crash_signals[i], &action, &previous_actions[i]);
 }
 
-static void disarm_crash_handlers(void) {
-    crash_armed = 0;
-    for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i) sigaction(crash_signals[i], &previous_actions[i], nullptr);
+static void ensure_alternate_signal_stack(void) {
+    // A fiber that overflows its stack faults on the guard page: the handler needs another stack.
+    static thread_local int ready;
+    if (ready) return;
+    ready = 1;
+    stack_t current;
+    if (sigaltstack(nullptr, &current) == 0 && !(current.ss_flags & SS_DISABLE)) return;
+    stack_t ours = {};
+    ours.ss_size = 64 * 1024;
+    ours.ss_sp = malloc(ours.ss_size);
+    sigaltstack(&ours, nullptr);
 }
 
 static void report_crash(void) {
@@ -496,16 +521,15 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     blockDim = dim3(block[0], block[1], block[2]);
     gridDim = dim3(grid[0], grid[1], grid[2]);
     ensure_alternate_signal_stack();
-    arm_crash_handlers();
+    ensure_crash_handlers();
     if (sigsetjmp(crash_jump, 0)) {
-        disarm_crash_handlers();
         report_crash();
         pthread_mutex_unlock(&launch_lock);
         return 1;
     }
     crash_armed = 1;
     run_grid(grid, memory, shared_bytes, flags & POISON_SHARED);
-    disarm_crash_handlers();
+    crash_armed = 0;
     int failed = S.failed || message[0] != 0;
     pthread_mutex_unlock(&launch_lock);
     return failed;
