@@ -119,3 +119,15 @@ def test_compiles_with_nvrtc(arch):
         nvrtc.compileProgram(program, [f"-arch={arch}", "-std=c++17", f"-I{KERNEL_DIR}"])
     except nvrtc.NVRTCError as error:
         pytest.fail(f"NVRTC ({arch}): {error}\n{nvrtc.getProgramLog(program)}")
+
+
+@pytest.mark.mnist
+def test_real_digits_match_reference(mnist):
+    images = np.ascontiguousarray(mnist.train_images[:97])
+    labels = np.ascontiguousarray(mnist.train_labels[:97]).astype(np.int32)
+    cfg = DeformConfig()
+    device = EmulatedDevice()
+    out, params = run_kernel(device, images, labels, None, 0, 1, cfg)
+    ref, ref_params = deform_images_ref(images, labels, None, 0, 1, cfg)
+    assert_bitwise_equal(params, ref_params, "params (MNIST)")
+    assert_close(out, ref, ATOL, RTOL, "deformed MNIST digits")
