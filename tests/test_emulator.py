@@ -194,3 +194,13 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     x = np.zeros(3, np.int32)
     second.get_function("fill")(1, 3, (x,))
     assert list(x) == [7, 7, 7]
+
+
+@pytest.mark.parametrize("path", sorted(KERNELS.glob("*.cu")), ids=lambda path: path.name)
+def test_the_test_kernels_are_valid_cuda_for_nvrtc(path):
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    program = nvrtc.createProgram(path.read_text(), path.name, [], [])
+    try:
+        nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17"])
+    except nvrtc.NVRTCError as error:
+        pytest.fail(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}")
