@@ -81,6 +81,13 @@ def test_dynamic_shared_memory_is_one_buffer_sized_by_the_launch(basics, checks)
     np.testing.assert_array_equal(y, x.reshape(3, 64)[:, ::-1].ravel())
 
 
+def test_shared_memory_of_an_inline_helper(basics, checks):
+    x = np.arange(2 * 64, dtype=np.float32)
+    y = np.zeros_like(x)
+    basics.get_function("rotate_through_helper")(2, 64, (x, y))
+    np.testing.assert_array_equal(y, np.roll(x.reshape(2, 64), -1, axis=1).ravel())
+
+
 def test_atomics(basics):
     values = np.random.default_rng(3).integers(-1000, 1000, 777).astype(np.int32)
     int_sum, unsigned_sum, first_claim, last = (np.array([v], dt) for v, dt in

@@ -23,9 +23,13 @@ LAUNCH_GLUE_HEADER = PACKAGE_DIR / "launch_glue.h"
 SCHEDULER_SOURCE = PACKAGE_DIR / "scheduler.c"
 
 # -fvisibility=hidden keeps __device__/__constant__ variables of different modules apart;
-# -ffp-contract=off keeps a*b+c two roundings, as the CUDA kernels are written to be compared.
+# -ffp-contract=off keeps a*b+c two roundings, as the CUDA kernels are written to be compared;
+# -fno-strict-aliasing because kernels reinterpret float* as float4* and the like; -fno-weak
+# because the __shared__ of an inline function would otherwise be a COMDAT variable, which g++
+# refuses to put in the same section as the others; -fstack-clash-protection so that a large local
+# array cannot step over a fiber stack's guard page into the next stack.
 COMPILE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
-                 "-fvisibility=hidden", "-pthread")
+                 "-fvisibility=hidden", "-fno-weak", "-fstack-clash-protection", "-pthread")
 
 # The most dynamic shared memory one block may have on the largest GPUs (H100: 227 KiB).
 DYNAMIC_SHARED_CAPACITY = 227 * 1024

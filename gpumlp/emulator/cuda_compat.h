@@ -32,6 +32,8 @@
 #define __managed__
 #define __grid_constant__
 #define __forceinline__ inline __attribute__((always_inline))
+// Breaks libstdc++'s own __attribute__((__noinline__)) in <memory>, which kernels for NVRTC lack.
+#define __noinline__ __attribute__((noinline))
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 // Blocks run one after another, so one static copy per variable is exactly per-block storage. The

@@ -82,6 +82,19 @@ extern "C" __global__ void reverse_through_dynamic_shared(const float* __restric
     y[blockIdx.x * blockDim.x + t] = same[blockDim.x - 1 - t];
 }
 
+// __shared__ inside an inline helper: one copy per block, like the kernel's own.
+__device__ __forceinline__ float from_next_thread(float value) {
+    __shared__ float exchange[64];
+    exchange[threadIdx.x] = value;
+    __syncthreads();
+    return exchange[(threadIdx.x + 1) % blockDim.x];
+}
+
+extern "C" __global__ void rotate_through_helper(const float* __restrict__ x, float* __restrict__ y) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    y[i] = from_next_thread(x[i]);
+}
+
 extern "C" __global__ void atomics(const int* __restrict__ values, int n, int* __restrict__ int_sum,
                                    float* __restrict__ float_sum, unsigned int* __restrict__ unsigned_sum,
                                    int* __restrict__ maximum, int* __restrict__ minimum, int* __restrict__ first_claim,
