@@ -394,15 +394,21 @@ static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
 enum { CRASH_SIGNAL_COUNT = sizeof crash_signals / sizeof crash_signals[0] };
 static struct sigaction previous_actions[CRASH_SIGNAL_COUNT];
 static sigjmp_buf crash_jump;
-static volatile sig_atomic_t crash_armed, crash_signal;
+static volatile sig_atomic_t crash_armed, crash_signal, passed_on;
 static void *volatile crash_address;
 
 static void on_crash(int signal_number, siginfo_t *info, void *) {
     if (!crash_armed || !pthread_equal(pthread_self(), S.owner)) {
         // Not a kernel's: give it to whoever handled it before. A fault recurs on return; a signal
-        // sent by kill() or raise() must be sent again.
-        for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i)
-            if (crash_signals[i] == signal_number) sigaction(signal_number, &previous_actions[i], nullptr);
+        // sent by kill() or raise() must be sent again. Coming back here means that handler chained
+        // to us in turn (faulthandler does): then the default action ends it.
+        if (passed_on) {
+            signal(signal_number, SIG_DFL);
+        } else {
+            passed_on = 1;
+            for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i)
+                if (crash_signals[i] == signal_number) sigaction(signal_number, &previous_actions[i], nullptr);
+        }
         if (info->si_code <= 0) raise(signal_number);
         return;
     }
@@ -422,6 +428,7 @@ static void ensure_crash_handlers(void) {
     action.sa_sigaction = on_crash;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&action.sa_mask);
+    passed_on = 0;
     for (int i = 0; i < CRASH_SIGNAL_COUNT; ++i) sigaction(crash_signals[i], &action, &previous_actions[i]);
 }
 
