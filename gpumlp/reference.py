@@ -94,3 +94,48 @@ def sgd_update_ref(W, b, delta_out, x, lr, momentum=0.0, velocity_W=None, veloci
     else:
         W -= lr * grad_W
         b -= lr * grad_b
+
+
+# ---- references of the fused / bookkeeping kernels (cuda_kernels/mlp_online.cu, train_step.cu) ----
+
+def backward_update_partial_ref(W, b, delta_out, x, lr, momentum=0.0, velocity_W=None, velocity_b=None,
+                                rows_per_chunk: int = 32) -> np.ndarray:
+    """The online backward product and SGD step of one layer in one pass (batch of one sample).
+
+    W (n_out, n_in), b (n_out,), delta_out (n_out,), x (n_in,) the layer's input; velocities as in
+    sgd_update_ref. Returns partial (ceil(n_out / rows_per_chunk), n_in): row c is
+    delta_out[rows of chunk c] @ W[rows of chunk c] with the weights BEFORE the update; then
+    updates W, b (and the velocities) in place exactly as sgd_update_ref on the batch (1, .)."""
+    n_out = W.shape[0]
+    partial = np.stack([delta_out[s:s + rows_per_chunk] @ W[s:s + rows_per_chunk]
+                        for s in range(0, n_out, rows_per_chunk)]).astype(F32)
+    sgd_update_ref(W, b, delta_out[None, :], x[None, :], lr, momentum, velocity_W, velocity_b)
+    return partial
+
+
+def backward_reduce_ref(partial: np.ndarray, y_in: np.ndarray) -> np.ndarray:
+    """delta_in (n_in,) = (sum over chunks of partial) * f'(y_in).
+
+    partial (n_chunks, n_in) from backward_update_partial_ref, y_in (n_in,). Together the two
+    equal backprop_delta_ref(W_old, delta_out[None], y_in[None])[0] up to summation order."""
+    return (partial.sum(axis=0, dtype=F32) * scaled_tanh_derivative_from_output(y_in)).astype(F32)
+
+
+def gather_batch_ref(images: np.ndarray, labels: np.ndarray, order: np.ndarray, cursor: int, batch: int):
+    """The next `batch` samples of the epoch: rows order[cursor : cursor + batch].
+
+    images (N, n_features), labels (N,), order (N,) a permutation -> X (batch, n_features),
+    labels (batch,) int32."""
+    picked = np.asarray(order[cursor:cursor + batch])
+    return images[picked].astype(F32), labels[picked].astype(np.int32)
+
+
+def finish_step_ref(loss: np.ndarray, wrong: np.ndarray, loss_total: float, wrong_total: int, cursor: int):
+    """Epoch bookkeeping after a step of B samples: loss (B,) float32, wrong (B,) int.
+
+    Returns (loss_total + the B losses added one by one in double, wrong_total + sum(wrong),
+    cursor + B)."""
+    total = float(loss_total)
+    for value in np.asarray(loss, dtype=F32):
+        total += float(value)
+    return total, int(wrong_total) + int(np.sum(wrong)), int(cursor) + len(loss)

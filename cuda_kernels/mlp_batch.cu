@@ -1,0 +1,216 @@
+// Minibatch kernels of the MLP: the three products of a layer as tiled matrix-matrix kernels.
+// Reference: gpumlp/reference.py (layer_forward_ref, backprop_delta_ref, sgd_update_ref).
+// Layout: W (n_out, n_in) row-major; a batch is (B, n) row-major.
+//
+// All three share one tiled GEMM, C (M, N) = A (M, K) B (K, N), with 64 x 64 output tiles, 16-deep
+// K slices staged in shared memory, and 256 threads that each keep a 4 x 4 block of C in
+// registers (each shared value loaded feeds 4 fmas instead of 1). A and B may be stored with K
+// contiguous or with M (resp. N) contiguous; the staging loop maps consecutive threads to the
+// contiguous direction so global loads stay coalesced for every layout.
+//
+// Determinism: no atomics; each C element is one thread's fmaf chain over k = 0, 1, ..., K-1, so
+// the bits depend only on the inputs. Epilogue steps that the reference rounds separately use
+// __fmul_rn/__fadd_rn/__fsub_rn/__fdiv_rn (no contraction).
+
+#define TANH_A 0x1.b74538p+0f         // float32(1.7159)
+#define TANH_B 0x1.554c98p-1f         // float32(0.6666)
+#define TANH_B_OVER_A 0x1.8dceccp-2f  // float32(TANH_B) / float32(TANH_A)
+#define TANH_A_SQUARED 0x1.78df3cp+1f // float32(TANH_A) * float32(TANH_A)
+
+#define TILE_M 64
+#define TILE_N 64
+#define TILE_K 16
+#define THREADS 256      // 16 x 16 threads, blockDim = (256, 1, 1); ops_mlp.py mirrors these
+#define THREAD_M 4       // TILE_M / 16
+#define THREAD_N 4       // TILE_N / 16
+#define PAD 1            // tile rows of 65 floats: the K-contiguous staging stores hit distinct banks
+
+__device__ __forceinline__ float scaled_tanh(float a)
+{
+    return __fmul_rn(TANH_A, tanhf(__fmul_rn(TANH_B, a)));
+}
+
+__device__ __forceinline__ float scaled_tanh_derivative(float y)
+{
+    return __fmul_rn(TANH_B_OVER_A, __fsub_rn(TANH_A_SQUARED, __fmul_rn(y, y)));
+}
+
+// Stage the K slice [k0, k0 + TILE_K) of rows [r0, r0 + TILE) of an operand into S[k][r] (zero
+// outside the matrix, so the product loop needs no bounds checks). The operand element (r, k) is
+// P[r * ld + k] when K_CONTIGUOUS, else P[k * ld + r].
+template <bool K_CONTIGUOUS, int TILE>
+__device__ __forceinline__ void stage_tile(const float* __restrict__ P, int ld, int rows, int K,
+                                           int r0, int k0, float (*S)[TILE + PAD])
+{
+    for (int e = threadIdx.x; e < TILE * TILE_K; e += THREADS) {
+        const int kk = K_CONTIGUOUS ? e % TILE_K : e / TILE;
+        const int r = K_CONTIGUOUS ? e / TILE_K : e % TILE;
+        const int gr = r0 + r, gk = k0 + kk;
+        float value = 0.0f;
+        if (gr < rows && gk < K)
+            value = P[K_CONTIGUOUS ? (size_t)gr * ld + gk : (size_t)gk * ld + gr];
+        S[kk][r] = value;
+    }
+}
+
+// acc[i][j] = sum_k A(m0 + ty + 16 i, k) B(k, n0 + tx + 16 j) for this thread (tx, ty) =
+// (tid % 16, tid / 16). A(m, k) = A[m lda + k] if A_K_CONTIGUOUS else A[k lda + m];
+// B(k, n) = Bm[n ldb + k] if B_K_CONTIGUOUS else Bm[k ldb + n]. Strided (ty + 16 i) rather than
+// blocked ownership: a warp's reads of As are two broadcast addresses and its reads of Bs are 16
+// consecutive floats, and its stores of C are 16-float contiguous runs.
+template <bool A_K_CONTIGUOUS, bool B_K_CONTIGUOUS>
+__device__ __forceinline__ void gemm_tile(const float* __restrict__ A, int lda,
+                                          const float* __restrict__ Bm, int ldb,
+                                          int M, int N, int K, int m0, int n0,
+                                          float (*As)[TILE_M + PAD], float (*Bs)[TILE_N + PAD],
+                                          float (&acc)[THREAD_M][THREAD_N])
+{
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i)
+#pragma unroll
+        for (int j = 0; j < THREAD_N; ++j)
+            acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += TILE_K) {
+        stage_tile<A_K_CONTIGUOUS, TILE_M>(A, lda, M, K, m0, k0, As);
+        stage_tile<B_K_CONTIGUOUS, TILE_N>(Bm, ldb, N, K, n0, k0, Bs);
+        __syncthreads();   // the slice is complete before anyone multiplies
+        const int k_len = min(TILE_K, K - k0);   // stop at K: padding zeros would still add +0
+        for (int kk = 0; kk < k_len; ++kk) {
+            float a[THREAD_M], bv[THREAD_N];
+#pragma unroll
+            for (int i = 0; i < THREAD_M; ++i)
+                a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < THREAD_N; ++j)
+                bv[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < THREAD_M; ++i)
+#pragma unroll
+                for (int j = 0; j < THREAD_N; ++j)
+                    acc[i][j] = fmaf(a[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();   // everyone is done with the slice before it is overwritten
+    }
+}
+
+// layer_forward_gemm: Y (B, n_out) = act(X (B, n_in) W^T + b); activate != 0: scaled tanh.
+//   X (B, n_in), W (n_out, n_in), b (n_out,). Both operands have K = n_in contiguous.
+//   Grid (ceil(n_out / 64), ceil(B / 64)), block 256. Used for training minibatches and for
+//   evaluating batches of test images.
+extern "C" __global__ void layer_forward_gemm(const float* __restrict__ X,
+                                              const float* __restrict__ W,
+                                              const float* __restrict__ b,
+                                              float* __restrict__ Y,
+                                              int batch, int n_out, int n_in, int activate)
+{
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    float acc[THREAD_M][THREAD_N];
+    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    gemm_tile<true, true>(X, n_in, W, n_in, batch, n_out, n_in, m0, n0, As, Bs, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const int m = m0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < THREAD_N; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (m < batch && n < n_out) {
+                const float a = __fadd_rn(acc[i][j], b[n]);
+                Y[(size_t)m * n_out + n] = activate ? scaled_tanh(a) : a;
+            }
+        }
+    }
+}
+
+// backprop_delta_gemm: delta_in (B, n_in) = (delta_out (B, n_out) W) * f'(y_in).
+//   W (n_out, n_in) must still hold the weights used in the forward pass: launch this BEFORE
+//   sgd_update_gemm of the same layer. y_in (B, n_in) the scaled-tanh outputs of the layer below.
+//   K = n_out: contiguous in delta_out, strided in W (whose n_in direction is contiguous).
+//   Grid (ceil(n_in / 64), ceil(B / 64)), block 256.
+extern "C" __global__ void backprop_delta_gemm(const float* __restrict__ delta_out,
+                                               const float* __restrict__ W,
+                                               const float* __restrict__ y_in,
+                                               float* __restrict__ delta_in,
+                                               int batch, int n_out, int n_in)
+{
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    float acc[THREAD_M][THREAD_N];
+    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    gemm_tile<true, false>(delta_out, n_out, W, n_in, batch, n_in, n_out, m0, n0, As, Bs, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const int m = m0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < THREAD_N; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (m < batch && n < n_in) {
+                const size_t idx = (size_t)m * n_in + n;
+                delta_in[idx] = __fmul_rn(acc[i][j], scaled_tanh_derivative(y_in[idx]));
+            }
+        }
+    }
+}
+
+// sgd_update_gemm: one SGD step on the batch-mean gradient, in place.
+//   grad_W (n_out, n_in) = delta_out^T (n_out, B) X (B, n_in) / B; grad_b = column sums / B.
+//   Without momentum W -= lr grad; with momentum mu: v = mu v - lr grad, W += v (vW (n_out, n_in),
+//   vb (n_out,) used only when momentum != 0; pass any float arrays otherwise).
+//   K = B, strided in both operands (their contiguous directions are n_out and n_in).
+//   Grid (ceil(n_in / 64), ceil(n_out / 64)), block 256. Each weight is read and written by the
+//   one thread that computed its gradient. Blocks of column tile 0 also update the biases of
+//   their 64 rows: thread t < 64 adds delta_out[r, m0 + t] over r = 0 .. B-1 in order.
+extern "C" __global__ void sgd_update_gemm(const float* __restrict__ delta_out,
+                                           const float* __restrict__ X,
+                                           float* __restrict__ W,
+                                           float* __restrict__ b,
+                                           float* __restrict__ vW,
+                                           float* __restrict__ vb,
+                                           int batch, int n_out, int n_in,
+                                           float lr, float momentum)
+{
+    __shared__ float As[TILE_K][TILE_M + PAD];
+    __shared__ float Bs[TILE_K][TILE_N + PAD];
+    float acc[THREAD_M][THREAD_N];
+    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
+    gemm_tile<false, false>(delta_out, n_out, X, n_in, n_out, n_in, batch, m0, n0, As, Bs, acc);
+    const bool use_momentum = momentum != 0.0f;
+    const float scale = (float)batch;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const int m = m0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < THREAD_N; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (m < n_out && n < n_in) {
+                const size_t idx = (size_t)m * n_in + n;
+                const float step = __fmul_rn(lr, __fdiv_rn(acc[i][j], scale));
+                if (use_momentum) {
+                    const float v = __fsub_rn(__fmul_rn(momentum, vW[idx]), step);
+                    vW[idx] = v;
+                    W[idx] = __fadd_rn(W[idx], v);
+                } else {
+                    W[idx] = __fsub_rn(W[idx], step);
+                }
+            }
+        }
+    }
+    const int m = m0 + threadIdx.x;
+    if (blockIdx.x == 0 && threadIdx.x < TILE_M && m < n_out) {
+        float sum = 0.0f;
+        for (int r = 0; r < batch; ++r)
+            sum = __fadd_rn(sum, delta_out[(size_t)r * n_out + m]);
+        const float step = __fmul_rn(lr, __fdiv_rn(sum, scale));
+        if (use_momentum) {
+            const float v = __fsub_rn(__fmul_rn(momentum, vb[m]), step);
+            vb[m] = v;
+            b[m] = __fadd_rn(b[m], v);
+        } else {
+            b[m] = __fsub_rn(b[m], step);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+"""Typed launchers of the network kernels: cuda_kernels/mlp_online.cu (batch size 1),
+cuda_kernels/mlp_batch.cu (minibatches, evaluation) and cuda_kernels/train_step.cu (softmax head,
+gather, bookkeeping). References: gpumlp/reference.py.
+
+Each launcher checks shapes and dtypes, computes grid and block, and wraps every scalar as
+np.int32 / np.float32 so its C type is right on both devices. Arrays are device arrays of the
+`device` (numpy for the emulator, CuPy on a GPU), float32 unless said otherwise, C-contiguous.
+
+A training step (the trainer composes it; see tests/test_mlp_kernels.py for the full sequence):
+  gather_batch -> layer_forward for each layer -> softmax_xent ->
+  backward_update for each layer, top first -> finish_step.
+With B = 1, layer_forward is layer_forward_mv and backward_update is backward_update_partial
+(+ backward_reduce except for the first layer); with B > 1 they are the GEMM kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ONLINE = "mlp_online.cu"
+BATCH = "mlp_batch.cu"
+STEP = "train_step.cu"
+
+# Must match the #defines of the .cu files.
+BU_ROWS = 32          # rows of W per chunk of backward_update_partial (mlp_online.cu)
+BU_COLS = 128         # columns per block of backward_update_partial = its blockDim.x
+GEMM_TILE = 64        # output tile of the GEMM kernels (mlp_batch.cu TILE_M = TILE_N)
+GEMM_THREADS = 256    # mlp_batch.cu THREADS: the kernels assume exactly this block size
+
+MV_THREADS = 256      # 8 warps = 8 output rows per block of layer_forward_mv
+REDUCE_THREADS = 256
+SOFTMAX_THREADS = 128  # 4 warps = 4 rows per block
+GATHER_THREADS = 256   # 841 floats per image: 4 per thread
+MAX_GRID = 65535
+
+
+def _blocks(n: int, per_block: int) -> int:
+    return max(1, -(-int(n) // per_block))
+
+
+def _check(kernel: str, name: str, array, size: int | tuple, dtype=np.float32) -> None:
+    """`size` is an exact shape (tuple) or an element count (int: any shape with that many)."""
+    if array.dtype != np.dtype(dtype):
+        raise ValueError(f"{kernel}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if isinstance(size, tuple):
+        if tuple(array.shape) != size:
+            raise ValueError(f"{kernel}: {name} must have shape {size}, got {tuple(array.shape)}")
+    elif int(array.size) != size:
+        raise ValueError(f"{kernel}: {name} must have {size} elements, got shape {tuple(array.shape)}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{kernel}: {name} must be C-contiguous")
+
+
+def _velocities(kernel, W, b, momentum, velocity_W, velocity_b):
+    """The velocity arrays to pass: the real ones with momentum, else W and b as placeholders
+    (the kernels never touch them when momentum == 0)."""
+    if float(momentum) == 0.0:
+        return W, b
+    if velocity_W is None or velocity_b is None:
+        raise ValueError(f"{kernel}: momentum {float(momentum)} needs velocity_W and velocity_b")
+    _check(kernel, "velocity_W", velocity_W, tuple(W.shape))
+    _check(kernel, "velocity_b", velocity_b, tuple(b.shape))
+    return velocity_W, velocity_b
+
+
+# ---- workspace sizes -------------------------------------------------------------------------
+
+def partial_rows(n_out: int) -> int:
+    """Rows (chunks) of the partial-sum buffer that backward_update_partial writes for a layer
+    with n_out outputs; the buffer must hold partial_rows(n_out) * n_in floats. Increasing in
+    n_out, so one buffer of partial_rows(max n_out) * max n_in serves every layer."""
+    return _blocks(n_out, BU_ROWS)
+
+
+def partial_elements(n_out: int, n_in: int) -> int:
+    return partial_rows(n_out) * int(n_in)
+
+
+# ---- online (B = 1): mlp_online.cu -----------------------------------------------------------
+
+def layer_forward_mv(device, W, b, x, y, activate: bool) -> None:
+    """y = act(W x + b) for one sample. W (n_out, n_in), b (n_out,), x (n_in,) or (1, n_in),
+    y (n_out,) or (1, n_out); activate: scaled tanh, else linear (the output layer)."""
+    n_out, n_in = (int(s) for s in W.shape)
+    _check("layer_forward_mv", "b", b, (n_out,))
+    _check("layer_forward_mv", "x", x, n_in)
+    _check("layer_forward_mv", "y", y, n_out)
+    _check("layer_forward_mv", "W", W, (n_out, n_in))
+    kernel = device.kernel(ONLINE, "layer_forward_mv")
+    device.launch(kernel, (_blocks(n_out, MV_THREADS // 32),), (MV_THREADS,),
+                  (W, b, x, y, np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
+
+
+def backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum=0.0,
+                            velocity_W=None, velocity_b=None, want_partial: bool = True) -> None:
+    """One pass over W: partial[c] = delta_out[chunk c] @ W_old[chunk c] (if want_partial), and
+    W, b (and velocities) take the SGD step for the sample. W (n_out, n_in), b (n_out,),
+    delta_out (n_out,) or (1, n_out), x (n_in,) or (1, n_in) the layer's input, partial: at
+    least partial_elements(n_out, n_in) floats (only the first are written, as (chunks, n_in))."""
+    name = "backward_update_partial"
+    n_out, n_in = (int(s) for s in W.shape)
+    _check(name, "W", W, (n_out, n_in))
+    _check(name, "b", b, (n_out,))
+    _check(name, "delta_out", delta_out, n_out)
+    _check(name, "x", x, n_in)
+    if partial.dtype != np.float32 or not partial.flags.c_contiguous or partial.size < partial_elements(n_out, n_in):
+        raise ValueError(f"{name}: partial must be a C-contiguous float32 array of at least "
+                         f"{partial_elements(n_out, n_in)} elements, got {partial.dtype} {tuple(partial.shape)}")
+    vW, vb = _velocities(name, W, b, momentum, velocity_W, velocity_b)
+    kernel = device.kernel(ONLINE, name)
+    device.launch(kernel, (_blocks(n_in, BU_COLS), partial_rows(n_out)), (BU_COLS,),
+                  (W, b, delta_out, x, partial, vW, vb, np.int32(n_out), np.int32(n_in),
+                   np.float32(lr), np.float32(momentum), np.int32(bool(want_partial))))
+
+
+def backward_reduce(device, partial, y_in, delta_in, n_out: int) -> None:
+    """delta_in = (sum of the partial_rows(n_out) chunk rows of partial) * f'(y_in), for the
+    layer below one with n_out outputs. y_in, delta_in: n_in floats ((n_in,) or (1, n_in))."""
+    n_in = int(y_in.size)
+    _check("backward_reduce", "delta_in", delta_in, n_in)
+    _check("backward_reduce", "y_in", y_in, n_in)
+    chunks = partial_rows(n_out)
+    if partial.dtype != np.float32 or not partial.flags.c_contiguous or partial.size < chunks * n_in:
+        raise ValueError(f"backward_reduce: partial must be a C-contiguous float32 array of at least "
+                         f"{chunks * n_in} elements, got {partial.dtype} {tuple(partial.shape)}")
+    kernel = device.kernel(ONLINE, "backward_reduce")
+    device.launch(kernel, (_blocks(n_in, REDUCE_THREADS),), (REDUCE_THREADS,),
+                  (partial, y_in, delta_in, np.int32(chunks), np.int32(n_in)))
+
+
+# ---- minibatch: mlp_batch.cu -----------------------------------------------------------------
+
+def layer_forward_gemm(device, W, b, X, Y, activate: bool) -> None:
+    """Y (B, n_out) = act(X (B, n_in) W^T + b). W (n_out, n_in), b (n_out,)."""
+    n_out, n_in = (int(s) for s in W.shape)
+    batch = int(X.shape[0])
+    _check("layer_forward_gemm", "W", W, (n_out, n_in))
+    _check("layer_forward_gemm", "b", b, (n_out,))
+    _check("layer_forward_gemm", "X", X, (batch, n_in))
+    _check("layer_forward_gemm", "Y", Y, (batch, n_out))
+    if batch == 0:
+        return
+    kernel = device.kernel(BATCH, "layer_forward_gemm")
+    device.launch(kernel, (_blocks(n_out, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
+                  (X, W, b, Y, np.int32(batch), np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
+
+
+def backprop_delta_gemm(device, W, delta_out, y_in, delta_in) -> None:
+    """delta_in (B, n_in) = (delta_out (B, n_out) W) * f'(y_in (B, n_in)), W (n_out, n_in) not yet
+    updated: launch before sgd_update_gemm of the same layer."""
+    n_out, n_in = (int(s) for s in W.shape)
+    batch = int(delta_out.shape[0])
+    _check("backprop_delta_gemm", "W", W, (n_out, n_in))
+    _check("backprop_delta_gemm", "delta_out", delta_out, (batch, n_out))
+    _check("backprop_delta_gemm", "y_in", y_in, (batch, n_in))
+    _check("backprop_delta_gemm", "delta_in", delta_in, (batch, n_in))
+    kernel = device.kernel(BATCH, "backprop_delta_gemm")
+    device.launch(kernel, (_blocks(n_in, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
+                  (delta_out, W, y_in, delta_in, np.int32(batch), np.int32(n_out), np.int32(n_in)))
+
+
+def sgd_update_gemm(device, W, b, delta_out, X, lr, momentum=0.0, velocity_W=None, velocity_b=None) -> None:
+    """W, b (and velocities) take the SGD step on the batch-mean gradient delta_out^T X / B.
+    W (n_out, n_in), b (n_out,), delta_out (B, n_out), X (B, n_in) the layer's input."""
+    name = "sgd_update_gemm"
+    n_out, n_in = (int(s) for s in W.shape)
+    batch = int(delta_out.shape[0])
+    _check(name, "W", W, (n_out, n_in))
+    _check(name, "b", b, (n_out,))
+    _check(name, "delta_out", delta_out, (batch, n_out))
+    _check(name, "X", X, (batch, n_in))
+    vW, vb = _velocities(name, W, b, momentum, velocity_W, velocity_b)
+    kernel = device.kernel(BATCH, name)
+    device.launch(kernel, (_blocks(n_in, GEMM_TILE), _blocks(n_out, GEMM_TILE)), (GEMM_THREADS,),
+                  (delta_out, X, W, b, vW, vb, np.int32(batch), np.int32(n_out), np.int32(n_in),
+                   np.float32(lr), np.float32(momentum)))
+
+
+# ---- shared: train_step.cu -------------------------------------------------------------------
+
+def softmax_xent(device, logits, labels, delta, loss, wrong, prediction) -> None:
+    """Per row: delta = softmax - onehot(label), loss = -log p[label], prediction = first argmax,
+    wrong = prediction != label. logits, delta (B, C) float32; labels, wrong, prediction (B,)
+    int32; loss (B,) float32."""
+    batch, n_classes = (int(s) for s in logits.shape)
+    _check("softmax_xent", "logits", logits, (batch, n_classes))
+    _check("softmax_xent", "labels", labels, (batch,), np.int32)
+    _check("softmax_xent", "delta", delta, (batch, n_classes))
+    _check("softmax_xent", "loss", loss, (batch,))
+    _check("softmax_xent", "wrong", wrong, (batch,), np.int32)
+    _check("softmax_xent", "prediction", prediction, (batch,), np.int32)
+    if batch == 0:
+        return
+    kernel = device.kernel(STEP, "softmax_xent")
+    device.launch(kernel, (_blocks(batch, SOFTMAX_THREADS // 32),), (SOFTMAX_THREADS,),
+                  (logits, labels, delta, loss, wrong, prediction, np.int32(batch), np.int32(n_classes)))
+
+
+def gather_batch(device, images, labels, order, cursor, X, labels_out, batch: int) -> None:
+    """X[r] = images[order[cursor + r]], labels_out[r] = labels[order[cursor + r]] for r < batch,
+    the cursor read ON THE DEVICE at run time (so a captured graph replays for every chunk).
+    images (N, n_features), labels (N,) int32, order (N,) int32, cursor (1,) int32,
+    X (batch, n_features), labels_out (batch,) int32."""
+    n_samples, n_features = (int(s) for s in images.shape)
+    batch = int(batch)
+    _check("gather_batch", "images", images, (n_samples, n_features))
+    _check("gather_batch", "labels", labels, (n_samples,), np.int32)
+    _check("gather_batch", "order", order, (n_samples,), np.int32)
+    _check("gather_batch", "cursor", cursor, 1, np.int32)
+    _check("gather_batch", "X", X, (batch, n_features))
+    _check("gather_batch", "labels_out", labels_out, (batch,), np.int32)
+    if batch == 0:
+        return
+    kernel = device.kernel(STEP, "gather_batch")
+    device.launch(kernel, (min(batch, MAX_GRID),), (GATHER_THREADS,),
+                  (images, labels, order, cursor, X, labels_out,
+                   np.int32(batch), np.int32(n_features), np.int32(n_samples)))
+
+
+def finish_step(device, loss, wrong, loss_total, wrong_total, cursor, batch: int | None = None) -> None:
+    """loss_total += sum(loss) (in order, double), wrong_total += sum(wrong), cursor += batch.
+    loss (B,) float32, wrong (B,) int32, loss_total (1,) float64, wrong_total (1,) int32,
+    cursor (1,) int32; batch defaults to B. Launch it last in a step."""
+    batch = int(loss.shape[0]) if batch is None else int(batch)
+    _check("finish_step", "loss", loss, (batch,))
+    _check("finish_step", "wrong", wrong, (batch,), np.int32)
+    _check("finish_step", "loss_total", loss_total, 1, np.float64)
+    _check("finish_step", "wrong_total", wrong_total, 1, np.int32)
+    _check("finish_step", "cursor", cursor, 1, np.int32)
+    kernel = device.kernel(STEP, "finish_step")
+    device.launch(kernel, (1,), (1,), (loss, wrong, loss_total, wrong_total, cursor, np.int32(batch)))
+
+
+# ---- dispatch on the batch size (what the trainer calls) ---------------------------------------
+
+def layer_forward(device, W, b, x, y, activate: bool) -> None:
+    """y = act(x W^T + b) for x (B, n_in) or (n_in,): matrix-vector for one sample, else GEMM."""
+    if x.ndim == 1 or int(x.shape[0]) == 1:
+        layer_forward_mv(device, W, b, x, y, activate)
+    else:
+        layer_forward_gemm(device, W, b, x, y, activate)
+
+
+def backward_update(device, W, b, delta_out, x, delta_below, partial, lr, momentum=0.0,
+                    velocity_W=None, velocity_b=None) -> None:
+    """The backward pass and SGD step of one layer: delta_below = (delta_out W_old) * f'(x) unless
+    delta_below is None (the first layer), and W, b take the step on the mean gradient.
+    delta_out (B, n_out), x (B, n_in) the layer's input (the scaled-tanh outputs of the layer
+    below), delta_below (B, n_in) or None, partial the online workspace (see partial_rows)."""
+    batch = 1 if delta_out.ndim == 1 else int(delta_out.shape[0])
+    if batch == 1:
+        backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum, velocity_W, velocity_b,
+                                want_partial=delta_below is not None)
+        if delta_below is not None:
+            backward_reduce(device, partial, x, delta_below, int(W.shape[0]))
+    else:
+        if delta_below is not None:
+            backprop_delta_gemm(device, W, delta_out, x, delta_below)
+        sgd_update_gemm(device, W, b, delta_out, x, lr, momentum, velocity_W, velocity_b)

@@ -1,0 +1,414 @@
+"""The network kernels (cuda_kernels/mlp_online.cu, mlp_batch.cu, train_step.cu) against the numpy
+reference, run by the CPU emulator, plus an NVRTC compile check (sm_75, sm_90, no spills).
+
+Tolerances (|actual - ref| <= atol + rtol |ref|), and why:
+  * Dot products (layer_forward_*: the pre-activation; backprop_delta_* / backward_reduce: the
+    delta_out W product; backward_update_partial: the per-chunk partials): float32 sums of up to
+    n_in (n_out) terms in another order than numpy's BLAS (and the kernels use fmaf, one rounding
+    where numpy may use two). With weights in +-0.05 and inputs in +-1 the sums of |terms| stay
+    below ~25, so reordering costs at most a few 1e-6: FORWARD 2e-5 / 1e-5, BACKPROP 1e-6 / 1e-5.
+    The scaled tanh adds tanhf against numpy's float32 tanh (a few ulp) times A B < 1.2.
+  * Softmax: expf/logf against numpy's (a few ulp each) and a 10-term sum in another order:
+    SOFTMAX 1e-6 / 1e-5 on delta and loss.
+  * The online weight update (backward_update_partial): bit-identical to sgd_update_ref, because
+    the kernel rounds lr * (delta x), mu v and the add/subtract separately exactly like the
+    reference (the batch of one makes the division by B exact): compared bitwise.
+  * The minibatch update (sgd_update_gemm): the gradient is a B-term sum (numpy's order differs),
+    so W differs by lr * (a few ulp of the gradient): UPDATE 1e-7 / 1e-6.
+  * Integers (prediction, wrong, gathered labels, cursor, error counts) and gathered images: exact.
+  * Composite steps (3-layer tiny net): a few ulp of the deltas feed the updates, times lr:
+    STEP 1e-6 / 1e-5 on weights, 1e-5 / 1e-5 on the loss.
+Every kernel runs on a plain emulator and on one that poisons shared memory with NaN and runs
+threads in reverse order (a missing barrier or an uninitialised read then shows).
+"""
+import re
+import zlib
+
+import numpy as np
+import pytest
+
+from gpumlp import ops_mlp
+from gpumlp import reference as R
+from gpumlp.device import KERNEL_DIR, EmulatedDevice
+from helpers import assert_bitwise_equal
+from helpers import assert_close as _assert_close
+
+FORWARD = dict(atol=2e-5, rtol=1e-5)
+BACKPROP = dict(atol=1e-6, rtol=1e-5)
+SOFTMAX = dict(atol=1e-6, rtol=1e-5)
+UPDATE = dict(atol=1e-7, rtol=1e-6)
+STEP = dict(atol=1e-6, rtol=1e-5)
+LOSS = dict(atol=1e-5, rtol=1e-5)
+
+DEVICES = {
+    "plain": lambda: EmulatedDevice(),
+    "poison+reverse": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True),
+}
+
+# (n_out, n_in): the paper's input width, odd small sizes, a single input, more than a tile
+SHAPES = [(10, 841), (33, 37), (500, 1), (70, 130)]
+
+
+# Largest error seen per check (the first word of `what`), with its bound; printed at the end of the
+# module (pytest -s) so the margins of the tolerances stay visible.
+MEASURED: dict = {}
+
+
+def assert_close(actual, ref, atol, rtol, what):
+    error = _assert_close(actual, ref, atol, rtol, what)
+    key = what.split()[0]
+    MEASURED[key] = max(MEASURED.get(key, (0.0,))[0], error), atol, rtol
+    return error
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_measured_errors():
+    yield
+    for key, (error, atol, rtol) in sorted(MEASURED.items()):
+        print(f"\n  max |error| {error:9.3g}  (atol {atol:g}, rtol {rtol:g})  {key}", end="")
+
+
+@pytest.fixture(scope="module", params=list(DEVICES))
+def device(request):
+    return DEVICES[request.param]()
+
+
+def rng_for(*key):
+    """A generator keyed by the test's parameters (strings through crc32: hash() varies per run)."""
+    return np.random.default_rng([zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key])
+
+
+def layer(rng, n_out, n_in):
+    W = rng.uniform(-0.05, 0.05, (n_out, n_in)).astype(np.float32)
+    b = rng.uniform(-0.05, 0.05, n_out).astype(np.float32)
+    return W, b
+
+
+def uniform(rng, shape, scale=1.0):
+    return rng.uniform(-scale, scale, shape).astype(np.float32)
+
+
+def tanh_outputs(rng, shape):
+    """Values a scaled-tanh layer can output, (-A, A)."""
+    return uniform(rng, shape, 1.7)
+
+
+def nan_like(shape, dtype=np.float32):
+    return np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f" else np.full(shape, -7, dtype)
+
+
+# ---- online: mlp_online.cu -------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_out, n_in", SHAPES + [(1, 65)])
+@pytest.mark.parametrize("activate", [True, False])
+def test_layer_forward_mv(device, n_out, n_in, activate):
+    rng = rng_for(n_out, n_in, activate)
+    W, b = layer(rng, n_out, n_in)
+    x = uniform(rng, n_in)
+    y = nan_like(n_out)
+    ops_mlp.layer_forward_mv(device, W, b, x, y, activate)
+    ref = R.layer_forward_ref(W, b, x[None], activate)[0]
+    assert_close(y, ref, **FORWARD, what=f"layer_forward_mv {n_out}x{n_in} activate={activate}")
+
+
+@pytest.mark.parametrize("n_out, n_in", SHAPES + [(64, 300)])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_backward_update_partial_and_reduce(device, n_out, n_in, momentum):
+    rng = rng_for(n_out, n_in, int(momentum * 10))
+    W, b = layer(rng, n_out, n_in)
+    delta_out = uniform(rng, n_out, 0.5)
+    x = tanh_outputs(rng, n_in)     # the input is the layer below's output (for f'(x) too)
+    lr = 0.01
+    vW = uniform(rng, W.shape, 1e-3) if momentum else None
+    vb = uniform(rng, b.shape, 1e-3) if momentum else None
+    chunks = ops_mlp.partial_rows(n_out)
+    partial = nan_like(chunks * n_in)
+    dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial, np.float32(lr),
+                                    np.float32(momentum), dev[2], dev[3])
+    delta_in = nan_like(n_in)
+    ops_mlp.backward_reduce(device, partial, x, delta_in, n_out)
+
+    ref = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ref_partial = R.backward_update_partial_ref(ref[0], ref[1], delta_out, x, lr, momentum, ref[2], ref[3],
+                                                rows_per_chunk=ops_mlp.BU_ROWS)
+    what = f"{n_out}x{n_in} momentum={momentum}"
+    assert_close(partial.reshape(chunks, n_in), ref_partial, **BACKPROP, what=f"backward_update_partial.partial {what}")
+    assert_close(delta_in, R.backward_reduce_ref(ref_partial, x), **BACKPROP, what=f"backward_reduce.delta_in {what}")
+    assert_close(delta_in, R.backprop_delta_ref(W, delta_out[None], x[None])[0], **BACKPROP,
+                 what=f"backward_reduce.delta_in(vs_backprop_delta_ref) {what}")
+    for name, got, want in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref):
+        if want is not None:
+            assert_bitwise_equal(got, want, f"{name} {what}")
+
+
+def test_backward_update_without_partial_leaves_the_workspace(device):
+    rng = rng_for("no-partial")
+    W, b = layer(rng, 40, 37)
+    partial = nan_like(ops_mlp.partial_elements(40, 37) + 5)
+    ref_W, ref_b = W.copy(), b.copy()
+    delta_out, x = uniform(rng, 40), uniform(rng, 37)
+    ops_mlp.backward_update_partial(device, W, b, delta_out, x, partial, np.float32(0.05), want_partial=False)
+    R.sgd_update_ref(ref_W, ref_b, delta_out[None], x[None], 0.05)
+    assert np.isnan(partial).all()
+    assert_bitwise_equal(W, ref_W, "W")
+    assert_bitwise_equal(b, ref_b, "b")
+
+
+def test_net4_widest_layer_gives_enough_blocks():
+    """The 2000 x 2500 layer of net 4 must fill a big GPU several times over."""
+    blocks = ops_mlp._blocks(2500, ops_mlp.BU_COLS) * ops_mlp.partial_rows(2000)
+    assert blocks > 1000
+
+
+# ---- minibatch: mlp_batch.cu -----------------------------------------------------------------
+
+BATCH_CASES = [(1, 10, 841), (7, 33, 37), (16, 500, 1), (16, 10, 841), (67, 70, 130)]
+
+
+@pytest.mark.parametrize("batch, n_out, n_in", BATCH_CASES)
+@pytest.mark.parametrize("activate", [True, False])
+def test_layer_forward_gemm(device, batch, n_out, n_in, activate):
+    rng = rng_for(batch, n_out, n_in, activate)
+    W, b = layer(rng, n_out, n_in)
+    X = uniform(rng, (batch, n_in))
+    Y = nan_like((batch, n_out))
+    ops_mlp.layer_forward_gemm(device, W, b, X, Y, activate)
+    assert_close(Y, R.layer_forward_ref(W, b, X, activate), **FORWARD,
+                 what=f"layer_forward_gemm B={batch} {n_out}x{n_in} activate={activate}")
+
+
+@pytest.mark.parametrize("batch, n_out, n_in", BATCH_CASES)
+def test_backprop_delta_gemm(device, batch, n_out, n_in):
+    rng = rng_for("bp", batch, n_out, n_in)
+    W, _ = layer(rng, n_out, n_in)
+    delta_out = uniform(rng, (batch, n_out), 0.5)
+    y_in = tanh_outputs(rng, (batch, n_in))
+    delta_in = nan_like((batch, n_in))
+    ops_mlp.backprop_delta_gemm(device, W, delta_out, y_in, delta_in)
+    assert_close(delta_in, R.backprop_delta_ref(W, delta_out, y_in), **BACKPROP,
+                 what=f"backprop_delta_gemm B={batch} {n_out}x{n_in}")
+
+
+@pytest.mark.parametrize("batch, n_out, n_in", BATCH_CASES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_update_gemm(device, batch, n_out, n_in, momentum):
+    rng = rng_for("sgd", batch, n_out, n_in, int(momentum * 10))
+    W, b = layer(rng, n_out, n_in)
+    delta_out = uniform(rng, (batch, n_out), 0.5)
+    X = tanh_outputs(rng, (batch, n_in))
+    vW = uniform(rng, W.shape, 1e-3) if momentum else None
+    vb = uniform(rng, b.shape, 1e-3) if momentum else None
+    dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ref = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ops_mlp.sgd_update_gemm(device, dev[0], dev[1], delta_out, X, np.float32(0.01), np.float32(momentum),
+                            dev[2], dev[3])
+    R.sgd_update_ref(ref[0], ref[1], delta_out, X, 0.01, momentum, ref[2], ref[3])
+    for name, got, want in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref):
+        if want is not None:
+            assert_close(got, want, **UPDATE, what=f"sgd_update_gemm.{name} B={batch} {n_out}x{n_in} mu={momentum}")
+
+
+# ---- shared: train_step.cu -------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, n_classes", [(1, 10), (7, 10), (16, 3), (33, 45), (5, 1)])
+def test_softmax_xent(device, batch, n_classes):
+    rng = rng_for("sm", batch, n_classes)
+    logits = uniform(rng, (batch, n_classes), 8.0)
+    labels = rng.integers(0, n_classes, batch).astype(np.int32)
+    if batch > 2 and n_classes > 2:
+        logits[1, :] = 3.0                    # all tied: the first class wins
+        logits[2, [0, n_classes - 1]] = 20.0  # tie between the ends
+        labels[1] = 0
+    outs = dict(delta=nan_like((batch, n_classes)), loss=nan_like(batch),
+                wrong=nan_like(batch, np.int32), prediction=nan_like(batch, np.int32))
+    ops_mlp.softmax_xent(device, logits, labels, outs["delta"], outs["loss"], outs["wrong"], outs["prediction"])
+    ref = R.softmax_xent_ref(logits, labels)
+    what = f"B={batch} C={n_classes}"
+    assert_close(outs["delta"], ref["delta"], **SOFTMAX, what=f"softmax_xent.delta {what}")
+    assert_close(outs["loss"], ref["loss"], **SOFTMAX, what=f"softmax_xent.loss {what}")
+    np.testing.assert_array_equal(outs["prediction"], ref["prediction"], err_msg=f"{what} prediction")
+    np.testing.assert_array_equal(outs["wrong"], ref["wrong"], err_msg=f"{what} wrong")
+
+
+@pytest.mark.parametrize("cursor, batch", [(0, 1), (5, 7), (19, 1), (3, 16)])
+def test_gather_batch(device, cursor, batch):
+    rng = rng_for("gather", cursor, batch)
+    n, features = 20, 841
+    images = uniform(rng, (n, features))
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    X = nan_like((batch, features))
+    labels_out = nan_like(batch, np.int32)
+    ops_mlp.gather_batch(device, images, labels, order, np.array([cursor], np.int32), X, labels_out, batch)
+    ref_X, ref_labels = R.gather_batch_ref(images, labels, order, cursor, batch)
+    valid = len(ref_labels)          # rows past the end of the epoch are left untouched
+    assert_bitwise_equal(X[:valid], ref_X, "gathered images")
+    np.testing.assert_array_equal(labels_out[:valid], ref_labels)
+    assert np.isnan(X[valid:]).all() and (labels_out[valid:] == -7).all()
+
+
+def test_finish_step(device):
+    rng = rng_for("finish")
+    loss_total, wrong_total, cursor = np.array([1.25]), np.array([3], np.int32), np.array([40], np.int32)
+    expected = (1.25, 3, 40)
+    for batch in (1, 7, 16):
+        loss = rng.uniform(0, 3, batch).astype(np.float32)
+        wrong = rng.integers(0, 2, batch).astype(np.int32)
+        ops_mlp.finish_step(device, loss, wrong, loss_total, wrong_total, cursor)
+        expected = R.finish_step_ref(loss, wrong, *expected)
+        assert_bitwise_equal(loss_total, np.array([expected[0]]), "loss_total")
+        assert (int(wrong_total[0]), int(cursor[0])) == expected[1:]
+
+
+# ---- whole steps on a tiny net ---------------------------------------------------------------
+
+SIZES = [841, 37, 33, 10]
+
+
+def reference_step(params, velocities, images, labels, order, cursor, batch, lr, momentum):
+    """One training step composed from the reference functions; updates params in place."""
+    x, y = R.gather_batch_ref(images, labels, order, cursor, batch)
+    activations = R.forward_all(params, x)
+    head = R.softmax_xent_ref(activations[-1], y)
+    delta = head["delta"]
+    for layer in reversed(range(len(params))):
+        W, b = params[layer]
+        vW, vb = velocities[layer] if momentum else (None, None)
+        below = R.backprop_delta_ref(W, delta, activations[layer]) if layer else None
+        R.sgd_update_ref(W, b, delta, activations[layer], lr, momentum, vW, vb)
+        delta = below
+    return head["loss"], head["wrong"]
+
+
+class DeviceNet:
+    """The trainer's buffers and launch sequence, reduced to what one step needs."""
+
+    def __init__(self, device, params, momentum, batch, images, labels, order):
+        self.d, self.batch, self.momentum = device, batch, np.float32(momentum)
+        self.params = [(W.copy(), b.copy()) for W, b in params]
+        self.velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
+        self.images, self.labels, self.order = images, labels, order
+        self.cursor = np.zeros(1, np.int32)
+        self.loss_total, self.wrong_total = np.zeros(1, np.float64), np.zeros(1, np.int32)
+        self.x = nan_like((batch, SIZES[0]))
+        self.y = nan_like(batch, np.int32)
+        self.activations = [nan_like((batch, n)) for n in SIZES[1:]]
+        self.deltas = [nan_like((batch, n)) for n in SIZES[1:]]
+        self.partial = nan_like((ops_mlp.partial_rows(max(SIZES[1:])), max(SIZES)))
+        self.loss, self.wrong = nan_like(batch), nan_like(batch, np.int32)
+        self.prediction = nan_like(batch, np.int32)
+
+    def launch_step(self, lr):
+        d = self.d
+        ops_mlp.gather_batch(d, self.images, self.labels, self.order, self.cursor, self.x, self.y, self.batch)
+        inputs = [self.x, *self.activations[:-1]]
+        last = len(self.params) - 1
+        for layer, (W, b) in enumerate(self.params):
+            ops_mlp.layer_forward(d, W, b, inputs[layer], self.activations[layer], activate=layer < last)
+        ops_mlp.softmax_xent(d, self.activations[-1], self.y, self.deltas[-1], self.loss, self.wrong,
+                             self.prediction)
+        for layer in reversed(range(len(self.params))):
+            W, b = self.params[layer]
+            vW, vb = self.velocities[layer] if self.momentum else (None, None)
+            below = self.deltas[layer - 1] if layer else None
+            ops_mlp.backward_update(d, W, b, self.deltas[layer], inputs[layer], below, self.partial,
+                                    np.float32(lr), self.momentum, vW, vb)
+        ops_mlp.finish_step(d, self.loss, self.wrong, self.loss_total, self.wrong_total, self.cursor)
+
+
+@pytest.mark.parametrize("batch, momentum", [(1, 0.0), (1, 0.9), (8, 0.0), (8, 0.9)])
+def test_whole_steps_match_the_reference(device, batch, momentum):
+    """gather -> forward -> softmax -> backward/update -> finish, for 3 steps: the first launched
+    directly, the next two by replaying ONE captured step (the cursor on the device moves on)."""
+    from gpumlp.nets import init_params
+    rng = rng_for("step", batch, int(momentum * 10))
+    n = 3 * batch + 2
+    images = uniform(rng, (n, SIZES[0]))
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    params = init_params(SIZES, seed=batch)
+    lr = 0.02
+    net = DeviceNet(device, params, momentum, batch, images, labels, order)
+    net.launch_step(lr)
+    with device.capture() as graph:
+        net.launch_step(lr)
+    graph.replay()
+    graph.replay()
+
+    ref_params = [(W.copy(), b.copy()) for W, b in params]
+    ref_velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
+    total, errors = 0.0, 0
+    for step in range(3):
+        loss, wrong = reference_step(ref_params, ref_velocities, images, labels, order, step * batch, batch,
+                                     lr, momentum)
+        total, errors, _ = R.finish_step_ref(loss, wrong, total, errors, 0)
+    what = f"B={batch} momentum={momentum}"
+    assert int(net.cursor[0]) == 3 * batch
+    assert int(net.wrong_total[0]) == errors
+    assert_close(net.loss_total, np.array([total]), **LOSS, what=f"step.loss_total {what}")
+    for layer, ((W, b), (ref_W, ref_b)) in enumerate(zip(net.params, ref_params)):
+        assert_close(W, ref_W, **STEP, what=f"step.W {layer} {what}")
+        assert_close(b, ref_b, **STEP, what=f"step.b {layer} {what}")
+        # the step really moved the weights (by far more than the tolerance)
+        assert np.abs(ref_W - params[layer][0]).max() > 100 * STEP["atol"]
+    if momentum:
+        for layer, ((vW, _), (ref_vW, _)) in enumerate(zip(net.velocities, ref_velocities)):
+            assert_close(vW, ref_vW, **STEP, what=f"step.velocity_W {layer} {what}")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_steps_are_bitwise_repeatable_across_schedules(batch):
+    """No atomics: the same step on a plain emulator and on one with reversed threads and poisoned
+    shared memory gives identical bits."""
+    from gpumlp.nets import init_params
+    rng = rng_for("repeat", batch)
+    images = uniform(rng, (batch, SIZES[0]))
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    order = np.arange(batch, dtype=np.int32)
+    results = []
+    for make in DEVICES.values():
+        net = DeviceNet(make(), init_params(SIZES, seed=3), 0.9, batch, images, labels, order)
+        net.launch_step(0.05)
+        results.append(net)
+    a, b = results
+    for layer in range(len(SIZES) - 1):
+        assert_bitwise_equal(a.params[layer][0], b.params[layer][0], f"W{layer}")
+        assert_bitwise_equal(a.deltas[layer], b.deltas[layer], f"delta{layer}")
+    assert_bitwise_equal(a.loss_total, b.loss_total, "loss total")
+
+
+# ---- launcher argument checks ------------------------------------------------------------------
+
+def test_launchers_refuse_wrong_shapes_and_types():
+    d = EmulatedDevice()
+    W, b = np.zeros((4, 6), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="x must have 6 elements"):
+        ops_mlp.layer_forward_mv(d, W, b, np.zeros(5, np.float32), np.zeros(4, np.float32), True)
+    with pytest.raises(ValueError, match="must be float32"):
+        ops_mlp.layer_forward_gemm(d, W, b, np.zeros((2, 6)), np.zeros((2, 4), np.float32), True)
+    with pytest.raises(ValueError, match="partial"):
+        ops_mlp.backward_update_partial(d, W, b, np.zeros(4, np.float32), np.zeros(6, np.float32),
+                                        np.zeros(5, np.float32), np.float32(0.1))
+    with pytest.raises(ValueError, match="velocity"):
+        ops_mlp.sgd_update_gemm(d, W, b, np.zeros((2, 4), np.float32), np.zeros((2, 6), np.float32),
+                                np.float32(0.1), np.float32(0.9))
+
+
+# ---- NVRTC -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filename", ["mlp_online.cu", "mlp_batch.cu", "train_step.cu"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_compiles_with_nvrtc_without_spills(filename, arch):
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    source = (KERNEL_DIR / filename).read_text()
+    program = nvrtc.createProgram(source, filename, [], [])
+    try:
+        nvrtc.compileProgram(program, [f"-arch={arch}", "-std=c++17", f"-I{KERNEL_DIR}", "-Xptxas=-v"])
+    except nvrtc.NVRTCError as error:
+        pytest.fail(f"NVRTC ({arch}): {error}\n{nvrtc.getProgramLog(program)}")
+    log = nvrtc.getProgramLog(program)
+    log = log.decode() if isinstance(log, bytes) else log
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    assert spills and not any(spills), f"{filename} ({arch}) spills registers:\n{log}"
+    assert len(re.findall(r"Compiling entry function", log)) == 3, log
