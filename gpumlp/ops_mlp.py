@@ -256,3 +256,16 @@ def backward_update(device, W, b, delta_out, x, delta_below, partial, lr, moment
         if delta_below is not None:
             backprop_delta_gemm(device, W, delta_out, x, delta_below)
         sgd_update_gemm(device, W, b, delta_out, x, lr, momentum, velocity_W, velocity_b)
+
+
+KERNELS = {ONLINE: ("layer_forward_mv", "backward_update_partial", "backward_reduce"),
+           BATCH: ("layer_forward_gemm", "backprop_delta_gemm", "sgd_update_gemm"),
+           STEP: ("softmax_xent", "gather_batch", "finish_step")}
+
+
+def preload(device) -> None:
+    """Compile and load every network kernel now: call it before capturing a graph, so no module
+    load (NVRTC, cuModuleLoad) happens inside stream capture."""
+    for filename, names in KERNELS.items():
+        for name in names:
+            device.kernel(filename, name)

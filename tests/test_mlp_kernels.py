@@ -412,3 +412,11 @@ def test_compiles_with_nvrtc_without_spills(filename, arch):
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert spills and not any(spills), f"{filename} ({arch}) spills registers:\n{log}"
     assert len(re.findall(r"Compiling entry function", log)) == 3, log
+
+
+def test_preload_finds_every_kernel():
+    d = EmulatedDevice()
+    ops_mlp.preload(d)
+    for filename, names in ops_mlp.KERNELS.items():
+        source = (KERNEL_DIR / filename).read_text()
+        assert sorted(re.findall(r'extern "C" __global__ void (\w+)', source)) == sorted(names)
