@@ -58,6 +58,7 @@ class DeviceTrainer:
         self.params = [(d.asarray(W), d.asarray(b)) for W, b in params]
         self.velocities = [(d.zeros(W.shape), d.zeros(b.shape)) for W, b in params] if config.momentum else None
         self.buffers = {B: self.step_buffers(B) for B in {self.batch_size, self.n_train % self.batch_size} if B}
+        ops_mlp.preload(d)  # no module load may happen inside a stream capture
 
     # -- memory ----------------------------------------------------------------------------------
     def memory_needed(self, n_train, n_val_separate, n_test) -> int:
