@@ -1,0 +1,179 @@
+"""`python -m gpumlp.studies ablation|seeds --out DIR [training flags]`: small experiments around
+the paper's claim, each a markdown table.
+
+    ablation   the same net, seed and epochs trained with and without the deformation
+    seeds      N seeds of one setting: the test error's mean and standard deviation
+
+Every training flag not named here goes unchanged to reproduce_2010.py (e.g. --hidden 300
+--epochs 20 --device cpu). The runs live under --out, one folder each; a study started again
+reuses the runs that finished and resumes the ones that were interrupted.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from gpumlp import cli
+from gpumlp.errors import UserError
+from gpumlp.report import (FinishedRun, OneLineErrorParser, duration, load_run, markdown_table, percent,
+                           run_command)
+
+
+class TrainingFailed(Exception):
+    """reproduce_2010.py failed and has already printed its one-line error; carries its exit code."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def refuse_flags(passthrough: list[str], flags: tuple, why: str) -> None:
+    """The study sets these flags itself; a copy among the user's would fight it."""
+    for argument in passthrough:
+        if argument.split("=")[0] in flags:
+            raise UserError(f"{argument.split('=')[0]} cannot be passed through: {why}")
+
+
+def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
+    """reproduce_2010.py FLAGS --out RUN_DIR, unless RUN_DIR already holds that run: finished, it is
+    reused; interrupted, it is resumed. A RUN_DIR made with other flags is an error."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if config_file.is_file():
+        recorded = json.loads(config_file.read_text()).get("command", [])[1:]
+        if recorded[:-2] != flags:
+            raise UserError(f"{run_dir} holds a run made with other flags ({' '.join(recorded[:-2])}); "
+                            "choose another --out")
+        summary_file = run_dir / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        if summary and summary["epochs_completed"] == summary["epochs_planned"]:
+            log(f"{run_dir}: finished earlier, reused")
+            return load_run(run_dir)
+        log(f"{run_dir}: unfinished, resuming")
+        code = cli.main(["--resume", str(run_dir)])
+    else:
+        log(f"training: reproduce_2010.py {' '.join(flags)} --out {run_dir}")
+        code = cli.main([*flags, "--out", str(run_dir)])
+    if code != 0:
+        raise TrainingFailed(code)
+    return load_run(run_dir)
+
+
+def run_study(action) -> int:
+    """run_command, plus: a failed training run returns its own exit code (its error is printed)."""
+    def guarded() -> int:
+        try:
+            return action()
+        except TrainingFailed as failure:
+            return failure.code
+    return run_command(guarded)
+
+
+def result_columns(run: FinishedRun) -> list[str]:
+    s = run.summary
+    return [f"{percent(s['test_error_at_best_val'])} (epoch {s['best_val_epoch']})",
+            f"{percent(s['best_test_error'])} (epoch {s['best_test_epoch']})",
+            percent(s["final_test_error"]), duration(s["total_seconds"])]
+
+
+RESULT_HEADER = ["test error at best validation [%]", "best test error [%]", "final test error [%]",
+                 "training time"]
+
+
+def describe_setting(run: FinishedRun) -> str:
+    from gpumlp import nets
+    s, settings = run.summary, run.settings
+    return (f"net {nets.describe(run.sizes)}, {s['epochs_completed']} epochs, batch size {settings['batch_size']}, "
+            f"learning rate {settings['lr']:g}, {run.config.get('train_images', '?')} training and "
+            f"{run.config.get('test_images', '?')} test images, on {s['device']}")
+
+
+def write_table(out: Path, name: str, text: str) -> None:
+    (out / name).write_text(text)
+    print(text, end="")
+    print(f"(written to {out / name})")
+
+
+# -- ablation --------------------------------------------------------------------------------------
+def ablation(out: Path, passthrough: list[str]) -> int:
+    refuse_flags(passthrough, ("--no-augment", "--out", "--resume"),
+                 "the ablation trains both with and without deformation, under --out")
+    variants = [("deformed anew every epoch (the paper)", "deformed", []),
+                ("undeformed (--no-augment)", "undeformed", ["--no-augment"])]
+    runs = [(label, train_run(out / folder, [*passthrough, *extra])) for label, folder, extra in variants]
+    rows = [[label, *result_columns(run), percent(run.metrics[-1]["train_error"])] for label, run in runs]
+    text = ("## Ablation: training digits deformed or not\n\n"
+            f"Both runs: {describe_setting(runs[0][1])}, seed {runs[0][1].settings['seed']}.\n\n"
+            + markdown_table(["training digits", *RESULT_HEADER, "training error in the last epoch [%]"], rows))
+    write_table(out, "ablation.md", text)
+    return 0
+
+
+# -- seeds -----------------------------------------------------------------------------------------
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seeds(out: Path, count: int, first_seed: int, passthrough: list[str]) -> int:
+    refuse_flags(passthrough, ("--seed", "--out", "--resume"), "the study sets a seed per run, under --out")
+    if count < 1:
+        raise UserError("--seeds must be at least 1")
+    runs = [(seed, train_run(out / f"seed_{seed}", [*passthrough, "--seed", str(seed)]))
+            for seed in range(first_seed, first_seed + count)]
+    rows = [[seed, *result_columns(run)] for seed, run in runs]
+    at_best_val = mean_and_std([run.summary["test_error_at_best_val"] for _, run in runs])
+    best_test = mean_and_std([run.summary["best_test_error"] for _, run in runs])
+    final = mean_and_std([run.summary["final_test_error"] for _, run in runs])
+    rows.append([f"**mean ± std of {count}**", *[f"**{percent(m)} ± {percent(s)}**" for m, s in
+                                                (at_best_val, best_test, final)], ""])
+    text = (f"## Seeds: {count} runs differing only in the seed\n\n"
+            f"Every run: {describe_setting(runs[0][1])}. The seed sets the initial weights, the order "
+            "of the digits and the deformations. Standard deviation: the sample one (n - 1).\n\n"
+            + markdown_table(["seed", *RESULT_HEADER], rows))
+    write_table(out, "seeds.md", text)
+    return 0
+
+
+def build_parser():
+    parser = OneLineErrorParser(
+        prog="python -m gpumlp.studies", allow_abbrev=False,
+        description="Small studies trained through reproduce_2010.py; every flag not listed here "
+                    "(e.g. --hidden 300 --epochs 20 --device cpu --train-images 10000) is passed to it. "
+                    "Finished runs under --out are reused and interrupted ones resumed.")
+    passthrough = ("Every other flag goes to reproduce_2010.py, e.g. --hidden 300 --epochs 20 "
+                   "--batch-size 16 --lr 0.02 --device cpu --train-images 10000.")
+    commands = parser.add_subparsers(dest="study", required=True, metavar="{ablation,seeds}",
+                                     parser_class=OneLineErrorParser)
+    ablate = commands.add_parser("ablation", allow_abbrev=False,
+                                 help="the same run with and without the deformation",
+                                 description="Train the same net at the same seed and epochs with and "
+                                             "without the per-epoch deformation; writes OUT/ablation.md.",
+                                 epilog=passthrough)
+    ablate.add_argument("--out", required=True, metavar="DIR", help="folder for the two runs and the table")
+    seed = commands.add_parser("seeds", allow_abbrev=False, help="N seeds of one setting: mean and std",
+                               description="Train N runs differing only in --seed; writes OUT/seeds.md "
+                                           "with each run and the mean and standard deviation.",
+                               epilog=passthrough)
+    seed.add_argument("--seeds", type=int, required=True, metavar="N", help="number of runs")
+    seed.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED .. FIRST_SEED+N-1")
+    seed.add_argument("--out", required=True, metavar="DIR", help="folder for the runs and the table")
+    return parser
+
+
+def main(argv=None) -> int:
+    args, passthrough = build_parser().parse_known_args(argv)
+    out = Path(args.out)
+
+    def command() -> int:
+        if args.study == "ablation":
+            return ablation(out, passthrough)
+        return seeds(out, args.seeds, args.first_seed, passthrough)
+
+    return run_study(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Committees, the paper's table, the ablation and the seed study, on tiny CPU runs of the
+synthetic set."""
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpumlp import cli, committee, paper_table, studies
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--hidden", "8", "--epochs", "2", "--batch-size", "4", "--lr", "0.02"]
+
+
+def train(out, *extra):
+    assert cli.main([*TINY, *map(str, extra), "--out", str(out)]) == 0
+    return out
+
+
+def best_val_probs(run):
+    with np.load(Path(run) / "predictions.npz") as data:
+        return data["best_val_probs"], data["test_labels"]
+
+
+def one_error_line(capsys, code, fragment):
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+def summary(run):
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+# -- committee -------------------------------------------------------------------------------------
+def test_committee_of_a_run_with_itself_is_the_run(synthetic_mnist, tmp_path):
+    run = train(tmp_path / "a", "--no-augment")
+    members = [committee.load_member(run)] * 2
+    result = committee.form_committee(members)
+    probs, labels = best_val_probs(run)
+    np.testing.assert_array_equal(result.predictions, probs.argmax(axis=1))
+    assert result.error() == pytest.approx(summary(run)["test_error_at_best_val"])
+
+
+def test_committee_answers_the_argmax_of_the_mean_probabilities(synthetic_mnist, tmp_path, capsys):
+    runs = [train(tmp_path / f"seed{seed}", "--seed", seed, "--hidden", 4 + 2 * seed) for seed in range(3)]
+    out_file = tmp_path / "committee.md"
+    capsys.readouterr()
+    assert committee.main([*map(str, runs), "--out", str(out_file)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out_file.read_text()
+
+    probs = [best_val_probs(run)[0] for run in runs]
+    labels = best_val_probs(runs[0])[1]
+    expected = np.mean(np.stack(probs).astype(np.float64), axis=0).argmax(axis=1)
+    result = committee.form_committee([committee.load_member(run) for run in runs])
+    np.testing.assert_array_equal(result.predictions, expected)
+    wrong = np.flatnonzero(expected != labels)
+    np.testing.assert_array_equal(result.wrong, wrong)
+    assert f"| **committee of 3** | mean of the softmax outputs | **{100 * len(wrong) / len(labels):.2f}% " \
+           f"({len(wrong)})** |" in printed
+    for run, p in zip(runs, probs):
+        member_wrong = int((p.argmax(axis=1) != labels).sum())
+        assert f"| {run} | 841-" in printed and f"% ({member_wrong}) |" in printed
+    for i in wrong:
+        assert f"| {i} | {labels[i]} | {expected[i]} |" in printed
+
+
+def test_committee_refuses_members_tested_on_other_digits(synthetic_mnist, tmp_path, capsys):
+    full = train(tmp_path / "full", "--no-augment")
+    fewer = train(tmp_path / "fewer", "--no-augment", "--test-images", "30")
+    one_error_line(capsys, committee.main([str(full), str(fewer)]), "must share the test set")
+    one_error_line(capsys, committee.main([str(full), str(tmp_path / "nowhere")]), "no such run directory")
+    (fewer / "predictions.npz").unlink()
+    one_error_line(capsys, committee.main([str(full), str(fewer)]), "no predictions.npz")
+
+
+# -- the paper's table -----------------------------------------------------------------------------
+def test_paper_table_trains_a_paper_net_and_collects_others(synthetic_mnist, tmp_path, capsys):
+    out = tmp_path / "table"
+    code = paper_table.main(["--nets", "1", "--out", str(out), "--device", "cpu", "--epochs", "1",
+                             "--batch-size", "8", "--no-augment"])
+    assert code == 0
+    text = (out / "paper_table.md").read_text()
+    net1 = summary(out / "net1")
+    assert (f"| 1 | 841-1000-500-10 | 1.35 | 1 | {100 * net1['test_error_at_best_val']:.2f} | 0.49 | "
+            f"{100 * net1['best_test_error']:.2f} | 0.44 |") in text
+    assert "| 23.4 h | cpu (numpy reference) |" in text
+
+    small = train(tmp_path / "small", "--no-augment")
+    capsys.readouterr()
+    assert paper_table.main(["--collect", str(small), str(out / "net1")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| 1 | 841-1000-500-10 |")          # paper nets first, by ID
+    cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert cells[:2] == ["-", "841-8-10"] and cells[5] == cells[7] == cells[9] == "-"   # no paper numbers
+
+
+def test_paper_table_refuses_flags_it_sets(tmp_path, capsys):
+    one_error_line(capsys, paper_table.main(["--out", str(tmp_path), "--hidden", "8"]), "--hidden")
+    one_error_line(capsys, paper_table.main(["--collect", str(tmp_path), "--epochs", "2"]), "no effect with --collect")
+    one_error_line(capsys, paper_table.main(["--collect", str(tmp_path / "nowhere")]), "no such run directory")
+
+
+# -- ablation and seeds ------------------------------------------------------------------------------
+def test_ablation_trains_with_and_without_deformation_at_one_seed(synthetic_mnist, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert studies.main(["ablation", "--out", str(out), *TINY, "--seed", "5"]) == 0
+    settings = {name: json.loads((out / name / "config.json").read_text())["settings"]
+                for name in ("deformed", "undeformed")}
+    assert settings["deformed"]["augment"] and not settings["undeformed"]["augment"]
+    assert settings["deformed"]["seed"] == settings["undeformed"]["seed"] == 5
+    assert settings["deformed"]["epochs"] == settings["undeformed"]["epochs"] == 2
+    table = (out / "ablation.md").read_text()
+    for name in ("deformed", "undeformed"):
+        s = summary(out / name)
+        assert f"| {100 * s['test_error_at_best_val']:.2f} (epoch {s['best_val_epoch']}) |" in table
+    assert "| deformed anew every epoch (the paper) |" in table and "| undeformed (--no-augment) |" in table
+
+    capsys.readouterr()
+    assert studies.main(["ablation", "--out", str(out), *TINY, "--seed", "5"]) == 0   # a second call reuses
+    assert capsys.readouterr().out.count("finished earlier, reused") == 2
+    one_error_line(capsys, studies.main(["ablation", "--out", str(out), *TINY, "--seed", "6"]),
+                   "holds a run made with other flags")
+
+
+def test_seed_study_reports_mean_and_standard_deviation(synthetic_mnist, tmp_path):
+    out = tmp_path / "seeds"
+    assert studies.main(["seeds", "--seeds", "3", "--first-seed", "2", "--out", str(out), *TINY]) == 0
+    runs = [out / f"seed_{seed}" for seed in (2, 3, 4)]
+    assert [json.loads((run / "config.json").read_text())["settings"]["seed"] for run in runs] == [2, 3, 4]
+    table = (out / "seeds.md").read_text()
+    errors = [summary(run)["test_error_at_best_val"] for run in runs]
+    best = [summary(run)["best_test_error"] for run in runs]
+    mean_std = lambda values: (f"{100 * statistics.fmean(values):.2f} ± "         # noqa: E731
+                               f"{100 * float(np.std(values, ddof=1)):.2f}")
+    assert f"| **mean ± std of 3** | **{mean_std(errors)}** | **{mean_std(best)}** |" in table
+
+
+def test_studies_refuse_flags_they_set(tmp_path, capsys):
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "2", "--out", str(tmp_path), "--seed", "3"]), "--seed")
+    one_error_line(capsys, studies.main(["ablation", "--out", str(tmp_path), "--no-augment"]), "--no-augment")
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "0", "--out", str(tmp_path)]), "at least 1")
+
+
+@pytest.mark.parametrize("module, words", [("gpumlp.committee", ["RUN_DIR", "--out"]),
+                                           ("gpumlp.paper_table", ["--collect", "--nets", "--table"]),
+                                           ("gpumlp.studies", ["ablation", "seeds"])])
+def test_every_command_has_help(module, words):
+    text = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, check=True).stdout
+    for word in words:
+        assert word in text, word
+
+
+def test_committee_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gpumlp.committee", str(tmp_path / "missing")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
