@@ -176,6 +176,11 @@ def readable_axes(ax, log: bool) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def line_style(points: int) -> str:
+    """Markers only where they can be told apart."""
+    return "o-" if points <= 60 else "-"
+
+
 def error_series(validation: str):
     """(metric, legend label, colour) of the three error curves."""
     val_label = "validation (undeformed training digits)" if validation == "train" else "validation (held out)"
@@ -187,13 +192,14 @@ def error_series(validation: str):
 def plot_curves(metrics: list, best_val_epoch: int, validation: str, path: Path) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] for r in metrics]
+    style = line_style(len(epochs))
     fig, (loss_ax, err_ax, log_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
-    loss_ax.plot(epochs, [r["train_loss"] for r in metrics], "o-", ms=3, color="tab:purple")
+    loss_ax.plot(epochs, [r["train_loss"] for r in metrics], style, ms=3, color="tab:purple")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean cross-entropy")
     readable_axes(loss_ax, log=False)
     for ax, log in ((err_ax, False), (log_ax, True)):
         for key, label, colour in error_series(validation):
-            ax.plot(epochs, [100 * (max(r[key], 1e-5) if log else r[key]) for r in metrics], "o-", ms=3,
+            ax.plot(epochs, [100 * (max(r[key], 1e-5) if log else r[key]) for r in metrics], style, ms=3,
                     label=label, color=colour)
         if best_val_epoch:
             ax.axvline(best_val_epoch, color="gray", ls=":", label=f"best validation (epoch {best_val_epoch})")
@@ -354,7 +360,7 @@ def render_gif_frames(snapshots, metrics, validation: str) -> list:
     filter_ax.set_axis_off()
     lines = {}
     for key, label, colour in error_series(validation):
-        lines[key], = curve_ax.plot([], [], "o-", ms=2, label=label.split(" (")[0], color=colour)
+        lines[key], = curve_ax.plot([], [], line_style(len(epochs)), ms=2, label=label.split(" (")[0], color=colour)
     values = [100 * max(by_epoch[e][k], 1e-5) for e in epochs for k in lines]
     curve_ax.set(yscale="log", xlabel="epoch", ylabel="error %", xlim=(0.5, max(epochs[-1], 2) + 0.5),
                  ylim=(min(values) / 1.3, max(values) * 1.3))
@@ -508,7 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: write_report(args.run_dir, args.data_dir) and 0)
+
+    def command() -> int:
+        write_report(args.run_dir, args.data_dir)
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":
