@@ -28,6 +28,10 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "val_error", "test_
 SNAPSHOT_UNITS = 100
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class RunDirError(UserError):
     """A run directory that cannot be used (missing, incomplete, or from another configuration)."""
 
@@ -37,6 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
