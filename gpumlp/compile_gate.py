@@ -31,9 +31,14 @@ WRITE_COMMAND = "python -m gpumlp.compile_gate --write"
 NEAR_SPILL_REGISTERS = 224
 
 
+# What CuPy adds to CudaDevice's own options when RawModule compiles (cupy.cuda.compiler): -ftz
+# changes the code generated for float arithmetic, so registers are counted with it.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+
 def compile_options(arch: str) -> list[str]:
-    """The options of CudaDevice's RawModule, with the architecture pinned and ptxas made verbose."""
-    return ["-std=c++17", f"-I{KERNEL_DIR}", f"-arch={arch}", "-Xptxas=-v"]
+    """The options a CudaDevice compiles with, the architecture pinned and ptxas made verbose."""
+    return ["-std=c++17", f"-I{KERNEL_DIR}", *CUPY_ADDED_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
 
 
 class CompileError(RuntimeError):
@@ -194,8 +199,9 @@ def compile_all(archs=None, sources=None) -> list[CompiledSource]:
     if len(todo) == 1:
         _session_cache[(fingerprint, *todo[0])] = compile_source(*todo[0])
     elif todo:
-        # spawn, not fork: the caller may hold a CUDA context, which a forked child must not touch.
-        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        # fork: the workers only run NVRTC, which never calls the CUDA driver, so a CUDA context
+        # in the caller is harmless; spawn would re-run an unguarded calling script in each worker.
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("fork")) as pool:
             for pair, compiled in zip(todo, pool.map(compile_source, *zip(*todo))):
                 _session_cache[(fingerprint, *pair)] = compiled
     return [_session_cache[(fingerprint, *pair)] for pair in wanted]
