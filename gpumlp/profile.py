@@ -194,6 +194,7 @@ class Row:
     occupancy: float | None = None
     occupancy_limiter: str | None = None
     blocks_per_sm: int | None = None
+    waves: float | None = None      # grid blocks / (resident blocks per SM x SMs); below 1: SMs idle
     time_us: float | None = None
     gb_per_s: float | None = None
     bandwidth_share: float | None = None
@@ -202,8 +203,9 @@ class Row:
     step_share: float | None = None
 
 
-def build_rows(launches, arch: str, limits: ArchLimits | None = None) -> list[Row]:
-    """Cost, resources and occupancy of every launch; resources from NVRTC for `arch`."""
+def build_rows(launches, arch: str, limits: ArchLimits | None = None, sms: int | None = None) -> list[Row]:
+    """Cost, resources and occupancy of every launch; resources from NVRTC for `arch`, and the
+    waves of blocks where the number of SMs is known."""
     limits = limits or arch_limits(arch)
     sources = sorted({KERNEL_DIR / launch.source for launch in launches})
     resources = compile_gate.resources_by_kernel(compile_gate.compile_all([arch], sources))
@@ -223,6 +225,8 @@ def build_rows(launches, arch: str, limits: ArchLimits | None = None) -> list[Ro
                                               used.shared_bytes + launch.shared_mem)
             row.occupancy, row.occupancy_limiter = occupancy.fraction, occupancy.limiter
             row.blocks_per_sm = occupancy.blocks_per_sm
+            if sms and occupancy.blocks_per_sm:
+                row.waves = launch.blocks / (occupancy.blocks_per_sm * sms)
         rows.append(row)
     return rows
 
@@ -364,7 +368,7 @@ def profile(workload: Workload, arch: str | None, timed: bool, warmup: int, repe
         info = gpu_info(device)
         arch = info.arch
         trainer, launches = record_epoch(device, workload)
-        rows = build_rows(launches, _gate_arch(arch), info.limits)
+        rows = build_rows(launches, _gate_arch(arch), info.limits, info.sms)
         timer = Timer(device, info, warmup, repeats)
         time_launches(device, trainer, launches, rows, info, timer)
         graph = time_graph(trainer, workload, graph_steps, timer)
@@ -469,7 +473,7 @@ def render(report: dict) -> str:
     columns = ["#", "phase", "kernel", "shape", "grid", "block", "regs", "smem", "spill", "occ", "limit",
                "MB", "MFLOP", "FLOP/B"]
     if timed:
-        columns += ["us", "GB/s", "%BW", "GFLOP/s", "%FP32", "%step"]
+        columns += ["waves", "us", "GB/s", "%BW", "GFLOP/s", "%FP32", "%step"]
     table = [columns]
     for r in report["rows"]:
         cells = [str(r["index"]), r["phase"], r["kernel"], r["shape"], "x".join(map(str, r["grid"])),
@@ -480,7 +484,7 @@ def render(report: dict) -> str:
                  _fmt(None if r["flops"] is None else r["flops"] / 1e6, ".3f", "?"),
                  _fmt(r["flops"] / r["bytes"] if r["bytes"] else None, ".2f")]
         if timed:
-            cells += [_fmt(r["time_us"], ".1f"), _fmt(r["gb_per_s"], ".0f"), _fmt(r["bandwidth_share"], ".0%"),
+            cells += [_fmt(r["waves"], ".2f"), _fmt(r["time_us"], ".1f"), _fmt(r["gb_per_s"], ".0f"), _fmt(r["bandwidth_share"], ".0%"),
                       _fmt(r["gflop_per_s"], ".0f"), _fmt(r["fp32_share"], ".1%"), _fmt(r["step_share"], ".1%")]
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]

@@ -208,7 +208,7 @@ def test_timed_report_arithmetic_and_rendering_without_a_gpu():
     timed table renders, which CI cannot otherwise reach."""
     workload = profile.Workload(nets.layer_sizes([64, 32]), 1, 0.0, 1)
     _, launches = profile.record_epoch(profile.HostRecorder(), workload)
-    rows = profile.build_rows(launches, "sm_90")
+    rows = profile.build_rows(launches, "sm_90", sms=132)
     info = profile.GpuInfo("NVIDIA H100 80GB HBM3", "sm_90", 132, 50 * 2**20, H100, "test", arch_limits("sm_90"))
     timer, trainer = FakeTimer(), FakeTrainer()
     profile.time_launches(None, trainer, launches, rows, info, timer)
@@ -217,6 +217,7 @@ def test_timed_report_arithmetic_and_rendering_without_a_gpu():
     times = [10.0 * (i + 1) for i in range(len(rows))]
     assert [row["time_us"] for row in report["rows"]] == times
     first = report["rows"][0]
+    assert first["waves"] == pytest.approx(first["blocks"] / (first["blocks_per_sm"] * 132))
     assert first["gb_per_s"] == pytest.approx(first["bytes"] / 10e-6 / 1e9)
     assert first["bandwidth_share"] == pytest.approx(first["bytes"] / 10e-6 / H100.bandwidth)
     step_rows = [row for row in report["rows"] if row["phase"] == "step"]
@@ -227,5 +228,5 @@ def test_timed_report_arithmetic_and_rendering_without_a_gpu():
     assert summary["graph_per_image_us"] == pytest.approx(replay_us / 4)
     assert summary["epoch_s"] == pytest.approx((replay_us / 4 + times[0]) * 1e-6 * profile.MNIST_TRAIN_IMAGES)
     text = profile.render(report)
-    assert "GB/s" in text and "%step" in text and "CUDA graph" in text and "of the speed of the online-SGD bound" in text
+    assert "waves" in text and "GB/s" in text and "%step" in text and "CUDA graph" in text and "of the speed of the online-SGD bound" in text
     json.dumps(report)
