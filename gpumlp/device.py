@@ -7,8 +7,9 @@ path for both.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,25 @@ def kernel_source(filename: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {path} not found (set GPUMLP_KERNEL_DIR?)")
     return path.read_text()
+
+
+# The NVRTC options of CudaDevice's RawModule. CuPy adds its own to them: its include paths first,
+# then -ftz=true, -arch=sm_XY for the device and --device-as-default-execution-space
+# (cupy._core.core.compile_with_cache and cupy.cuda.compiler._compile_with_cache_cuda).
+def cuda_compile_options() -> tuple[str, ...]:
+    return ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
+def cuda_module_source(filename: str) -> str:
+    """The text CudaDevice hands to RawModule: the file, plus a trailing comment naming a digest of
+    the headers of KERNEL_DIR. CuPy's on-disk kernel cache (~/.cupy/kernel_cache) is keyed by the
+    source text and options only, not by the files it #includes, so without the digest an edited
+    philox.cuh would load the cubin compiled from the old one. A comment at the end leaves every
+    line number of compiler messages unchanged."""
+    digest = hashlib.sha256()
+    for header in sorted(KERNEL_DIR.glob("*.cuh")) + sorted(KERNEL_DIR.glob("*.h")):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
+    return kernel_source(filename) + f"\n// gpumlp: headers sha256 {digest.hexdigest()}\n"
 
 
 class Device:
@@ -86,6 +106,11 @@ class Device:
 
     def synchronize(self) -> None:
         pass
+
+    def on_stream(self):
+        """Context in which array operations made directly on the device's arrays (fill, item
+        assignment) go to the device's stream; nothing to do off the GPU."""
+        return nullcontext()
 
     def describe(self) -> dict:
         return {"name": self.name, "emulated": self.is_emulated}
@@ -138,7 +163,12 @@ class EmulatedDevice(Device):
 
 
 class CudaDevice(Device):
-    """A real NVIDIA GPU through CuPy's RawModule (NVRTC compiles the sources at first use)."""
+    """A real NVIDIA GPU through CuPy's RawModule (NVRTC compiles the sources at first use).
+
+    All the work goes to one non-blocking stream, named explicitly at every launch, copy and
+    allocation rather than left to CuPy's current stream (a per-thread setting that another
+    CudaDevice, or another thread, would change): work on the legacy default stream is not ordered
+    with a non-blocking stream, so a fill there could race a graph replayed here."""
 
     is_emulated = False
 
@@ -147,33 +177,73 @@ class CudaDevice(Device):
         import cupy
         self.cupy = cupy
         self.xp = cupy
+        self._kernels = {}
         cupy.cuda.Device(device_id).use()
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
         self.properties = props
         self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        # Non-blocking: no implicit ordering with the legacy default stream, which CuPy and other
+        # libraries may use while a graph is being captured here.
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
 
     def _load_module(self, filename):
-        return self.cupy.RawModule(code=kernel_source(filename),
-                                   options=("-std=c++17", f"-I{KERNEL_DIR}"),
+        return self.cupy.RawModule(code=cuda_module_source(filename), options=cuda_compile_options(),
                                    name_expressions=None)
 
+    def kernel(self, filename: str, kernel_name: str):
+        """The RawKernel, kept: RawModule.get_function builds a new RawKernel and calls
+        cuModuleGetFunction every time, which the ~20 launches of every captured step need not."""
+        key = (filename, kernel_name)
+        if key not in self._kernels:
+            self._kernels[key] = super().kernel(filename, kernel_name)
+        return self._kernels[key]
+
+    def launch(self, kernel, grid, block, args, shared_mem: int = 0) -> None:
+        check_kernel_args(getattr(kernel, "name", "kernel"), args)
+        kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args),
+               shared_mem=int(shared_mem), stream=self.stream)
+
+    def on_stream(self):
+        return self.stream
+
+    def asarray(self, host_array, dtype=None):
+        # cupy.array with copy=True: always a device copy (cupy.asarray may wrap host memory when
+        # CUPY_ENABLE_UMP=1 on HMM/ATS systems). The copy is queued on our stream.
+        with self.stream:
+            return self.cupy.array(np.ascontiguousarray(host_array, dtype=dtype), copy=True)
+
+    def zeros(self, shape, dtype=np.float32):
+        with self.stream:
+            return self.cupy.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype=np.float32):
+        with self.stream:
+            return self.cupy.empty(shape, dtype=dtype)
+
     def to_host(self, array) -> np.ndarray:
-        return self.cupy.asnumpy(array)
+        # Queued on our stream and waited for (blocking=True): it sees every launch before it.
+        return self.cupy.asnumpy(array, stream=self.stream)
 
     def synchronize(self) -> None:
         self.stream.synchronize()
 
     @contextmanager
     def capture(self):
-        """Capture the launches made inside the block into a CUDA graph (CuPy stream capture)."""
+        """Capture the launches made inside the block into a CUDA graph (CuPy stream capture, in
+        CuPy's default relaxed mode). Only kernel launches may happen inside: no module load, no
+        allocation, no copy, no synchronisation."""
         graph = Graph(self, stream=self.stream)
         self.stream.begin_capture()
         try:
             yield graph
-        finally:
-            graph.cuda_graph = self.stream.end_capture()
+        except BaseException:
+            try:  # leave the stream out of capture mode; the error inside is the one to report
+                self.stream.end_capture()
+            except Exception:
+                pass
+            raise
+        graph.cuda_graph = self.stream.end_capture()
 
     def describe(self) -> dict:
         major, minor = self.properties["major"], self.properties["minor"]
@@ -181,9 +251,21 @@ class CudaDevice(Device):
                 "memory_bytes": int(self.properties["totalGlobalMem"])}
 
 
-def gpu_available() -> bool:
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy can reach a CUDA GPU, else one line saying why not (no CuPy, no driver, a
+    driver older than CuPy's CUDA -- cupy-cuda13x needs an R580+ driver --, or no device)."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, or no device: all mean "no GPU here"
-        return False
+    except Exception as error:  # ImportError, or a CUDA library CuPy could not load
+        return f"CuPy could not be imported ({type(error).__name__}: {error})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError: no driver, or one too old for CuPy's runtime
+        return f"CuPy found no usable CUDA driver ({error})"
+    return None if count > 0 else "the CUDA driver reports no device"
+
+
+def gpu_available() -> bool:
+    """True when CuPy can reach a CUDA GPU; never raises (no CuPy, no driver, or no device: all
+    mean "no GPU here")."""
+    return gpu_unavailable_reason() is None

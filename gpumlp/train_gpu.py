@@ -76,7 +76,11 @@ class DeviceTrainer:
         if self.device.is_emulated:
             log(f"device memory needed: {needed / 2**20:,.0f} MiB (emulated in host memory)")
             return
-        free, total = self.device.cupy.cuda.runtime.memGetInfo()
+        cupy = self.device.cupy
+        free, total = cupy.cuda.runtime.memGetInfo()
+        # Blocks CuPy's pool keeps from earlier runs in this process count as free: the pool hands
+        # them back to the driver when an allocation would otherwise fail.
+        free += cupy.get_default_memory_pool().free_bytes()
         log(f"device memory needed: {needed / 2**20:,.0f} MiB of {free / 2**20:,.0f} MiB free "
             f"({total / 2**20:,.0f} MiB total)")
         if needed > 0.95 * free:
@@ -129,10 +133,11 @@ class DeviceTrainer:
         if self.deform_config is not None:
             ops_deform.deform_images(d, self.train_images, self.train_labels, None, self.epoch_images,
                                      self.deform_params, self.seed, epoch, self.deform_config)
-        self.order[...] = d.asarray(order, np.int32)
-        self.cursor.fill(0)
-        self.loss_total.fill(0)
-        self.wrong_total.fill(0)
+        with d.on_stream():  # on a GPU: queued on the stream the graphs replay on, before them
+            self.order[...] = d.asarray(order, np.int32)
+            self.cursor.fill(0)
+            self.loss_total.fill(0)
+            self.wrong_total.fill(0)
         full_steps, tail = divmod(len(order), B)
         chunk = min(self.graph_steps, full_steps)
         if chunk:
@@ -189,10 +194,12 @@ class DeviceTrainer:
         return {"params": host(self.params), "velocities": velocities}
 
     def set_state(self, state: dict) -> None:
-        for (W, b), (W_host, b_host) in zip(self.params, state["params"]):
-            W[...] = self.device.asarray(W_host)
-            b[...] = self.device.asarray(b_host)
-        if self.velocities:
-            for (vW, vb), (vW_host, vb_host) in zip(self.velocities, state["velocities"]):
-                vW[...] = self.device.asarray(vW_host)
-                vb[...] = self.device.asarray(vb_host)
+        d = self.device
+        with d.on_stream():
+            for (W, b), (W_host, b_host) in zip(self.params, state["params"]):
+                W[...] = d.asarray(W_host)
+                b[...] = d.asarray(b_host)
+            if self.velocities:
+                for (vW, vb), (vW_host, vb_host) in zip(self.velocities, state["velocities"]):
+                    vW[...] = d.asarray(vW_host)
+                    vb[...] = d.asarray(vb_host)
