@@ -301,6 +301,9 @@ def main(argv=None) -> int:
     found = problems(compiled)
     for line in found:
         print(f"error: {line}", file=sys.stderr)
+    for k in near_spills(compiled):
+        print(f"note: {k.source}: {k.kernel} on {k.arch} uses {k.registers} registers and a "
+              f"{k.stack_bytes}-byte stack frame (no spills)", file=sys.stderr)
     if args.write:
         RESOURCES_FILE.write_text(text)
         print(f"wrote {RESOURCES_FILE}")
