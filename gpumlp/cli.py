@@ -80,18 +80,19 @@ def config_from_args(args) -> TrainConfig:
 
 def choose_device(requested: str, log):
     """Returns a gpumlp.device.Device, or None for the numpy reference."""
-    from gpumlp.device import CudaDevice, EmulatedDevice, gpu_available
+    from gpumlp.device import CudaDevice, EmulatedDevice, gpu_unavailable_reason
     from gpumlp.errors import UserError
     if requested == "cpu":
         return None
     if requested == "emulate":
         return EmulatedDevice()
-    if gpu_available():
+    why_not = gpu_unavailable_reason()
+    if why_not is None:
         return CudaDevice()
     if requested == "cuda":
-        raise UserError("--device cuda: no CUDA GPU was found (is CuPy installed with a working driver?)")
-    log("no GPU found: training with the numpy reference on the CPU (--device cpu); "
-        "install gpumlp[cuda13] on a machine with an NVIDIA GPU for the GPU run")
+        raise UserError(f"--device cuda: no CUDA GPU is usable: {why_not}")
+    log(f"no GPU found ({why_not}): training with the numpy reference on the CPU instead "
+        f"(--device cpu); for the GPU run install gpumlp[cuda13] (or [cuda12]) on a machine with an NVIDIA GPU")
     return None
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from gpumlp.device import KERNEL_DIR
+from gpumlp.device import KERNEL_DIR, cuda_compile_options
 
 # The GPU generations the project promises to run on: Turing, Ampere (A100, RTX 30), Ada, Hopper.
 # Every newer architecture the installed NVRTC knows is added to them (Blackwell and later);
@@ -38,7 +38,7 @@ CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 def compile_options(arch: str) -> list[str]:
     """The options a CudaDevice compiles with, the architecture pinned and ptxas made verbose."""
-    return ["-std=c++17", f"-I{KERNEL_DIR}", *CUPY_ADDED_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
+    return [*cuda_compile_options(), *CUPY_ADDED_OPTIONS, f"-arch={arch}", "-Xptxas=-v"]
 
 
 class CompileError(RuntimeError):

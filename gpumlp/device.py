@@ -136,7 +136,7 @@ class Graph:
 class EmulatedDevice(Device):
     """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays."""
 
-    name = "emulator"
+    name = "CUDA emulator on the CPU"
     is_emulated = True
     xp = np
 

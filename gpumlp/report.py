@@ -230,10 +230,10 @@ def plot_filters(W: np.ndarray, epoch: int, path: Path) -> None:
 def deformation_engine(device_name: str) -> str:
     """The code a run deformed its digits with, from config.json's device name."""
     lowered = device_name.lower()
+    if "emulat" in lowered:  # first: the emulator's name says it runs on the CPU too
+        return "emulator"
     if "cpu" in lowered:
         return "reference"
-    if "emulat" in lowered:
-        return "emulator"
     return "cuda"
 
 

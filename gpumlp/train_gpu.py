@@ -33,7 +33,7 @@ class DeviceTrainer:
         self.deform_config = config.deform_config()
         self.seed = config.seed
         self.sizes = config.sizes
-        self.device_name = device.name + (" (emulated)" if device.is_emulated else "")
+        self.device_name = "emulated GPU path (CPU emulator)" if device.is_emulated else device.name
         self.graph_steps = config.graph_steps or (GRAPH_STEPS_EMULATED if device.is_emulated else GRAPH_STEPS_CUDA)
         self.eval_batch = EVAL_BATCH_EMULATED if device.is_emulated else EVAL_BATCH_CUDA
 

@@ -63,7 +63,7 @@ def test_summary_table_puts_the_paper_beside_a_paper_net(tmp_path):
 
 
 @pytest.mark.parametrize("device, engine", [("cpu (numpy reference)", "reference"),
-                                            ("emulator (emulated)", "emulator"),
+                                            ("emulated GPU path (CPU emulator)", "emulator"),
                                             ("NVIDIA H100 80GB HBM3", "cuda")])
 def test_deformations_come_from_the_code_the_run_used(device, engine):
     assert report.deformation_engine(device) == engine
