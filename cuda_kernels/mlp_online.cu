@@ -23,6 +23,37 @@
 #define BU_ROWS 32
 #define BU_COLS 128
 
+// Memory-level parallelism. Online SGD is bound by DRAM bandwidth, and by Little's law an H100
+// (3.35 TB/s, ~0.8 us loaded latency) needs ~2.7 MB of loads in flight, ~20 KB per SM of 132.
+// Every grid below is less than one wave, so the loads each thread keeps outstanding are what
+// sets the bandwidth:
+//   backward_update_partial: a thread loads BU_UNROLL rows of its column (and as many velocities)
+//     before it computes and stores any of them. 2000 x 2500 layer: 1260 blocks, ~9.5 per SM,
+//     ~1220 threads x 8 x 4 B = ~39 KB per SM in flight (was one 4-byte load per thread, ~5 KB:
+//     the next row's load waited behind this row's store). 2500 x 841: 553 blocks, ~17 KB per SM.
+//     The chunk stays 32 rows: halving it would double both the grid and the partial-sum traffic
+//     (63 -> 125 chunk rows of n_in floats, written here and read by backward_reduce: 3% -> 6% of
+//     the W traffic) and the reduce's serial chain. Registers must stay <= 48 so that all ~10
+//     blocks of 128 threads fit an SM's 64K registers (the whole grid then runs in one wave):
+//     sm_90 takes 47. (sm_80 takes 64, i.e. ~8 blocks per SM; __launch_bounds__(BU_COLS, 10)
+//     would cap it at 48 but makes sm_100 spill.)
+//   layer_forward_mv: a lane loads MV_UNROLL elements of its row (and of x) per iteration, into
+//     4 accumulators. 2000 x 2500: 2000 warps, ~15 per SM, x 16 x 128 B = ~31 KB per SM (was
+//     ~7 loads per lane as ptxas pipelined the old loop, ~14 KB); 2500 x 841: ~19 warps per SM,
+//     ~39 KB (but only 2 iterations per lane). The grids are below one wave (313 and 250 blocks
+//     of 256), so the extra registers cost no occupancy.
+//   backward_reduce: BR_UNROLL chunk rows loaded before they are added (in the same order).
+#define BU_UNROLL 8
+#define MV_UNROLL 16
+#define BR_UNROLL 8
+
+// Threads per block of layer_forward_mv (ops_mlp.MV_THREADS), also its __launch_bounds__: the
+// bound (<= 64 registers, 4 blocks per SM; the grids need at most ~2.4) is what lets ptxas issue
+// all 2 x MV_UNROLL loads of an iteration before the first fmaf. Without it ptxas keeps ~30
+// registers and starts the fmafs after ~6 loads of W, which is no better than the old
+// one-load-per-step loop that it software-pipelined to ~7 loads in flight.
+#define MV_THREADS 256
+
 __device__ __forceinline__ float scaled_tanh(float a)
 {
     return __fmul_rn(TANH_A, tanhf(__fmul_rn(TANH_B, a)));
@@ -39,9 +70,17 @@ __device__ __forceinline__ float scaled_tanh_derivative(float y)
 //   W (n_out, n_in), b (n_out,), x (n_in,), y (n_out,); activate != 0: scaled tanh, else linear.
 // One warp per output row (blockDim.x a multiple of 32; rows = blockIdx.x * warps + warp). Lane l
 // reads W[row, l], W[row, l+32], ...: a warp touches 128 contiguous bytes per step, so W, the
-// dominant traffic, is read fully coalesced. The 32 lane sums are combined by an xor butterfly
-// whose pairing is fixed (and whose a+b / b+a pairs round identically, so every lane ends with the
-// same value).
+// dominant traffic, is read fully coalesced. Each iteration a lane first loads MV_UNROLL elements
+// (j = j0 + 32 k, k < MV_UNROLL; past n_in a load is skipped and reads as 0, and fmaf(0, 0, s) =
+// s) and then adds element k into accumulator k % 4; the four are combined as (a0 + a1) + (a2 +
+// a3). The 32 lane sums are then combined by an xor butterfly whose pairing is fixed (and whose
+// a+b / b+a pairs round identically, so every lane ends with the same value). x is read through
+// the read-only path: every warp of the GPU reads the same n_in floats, which stay in L1/L2.
+extern "C" __launch_bounds__(MV_THREADS, 4)
+__global__ void layer_forward_mv(const float* __restrict__ W, const float* __restrict__ b,
+                                 const float* __restrict__ x, float* __restrict__ y,
+                                 int n_out, int n_in, int activate);   // (declared for the bound)
+
 extern "C" __global__ void layer_forward_mv(const float* __restrict__ W,
                                             const float* __restrict__ b,
                                             const float* __restrict__ x,
@@ -53,9 +92,21 @@ extern "C" __global__ void layer_forward_mv(const float* __restrict__ W,
     if (row >= n_out)
         return;   // row is the same for the whole warp, so no shuffle below loses a partner
     const float* w = W + (size_t)row * n_in;
-    float sum = 0.0f;
-    for (int j = lane; j < n_in; j += 32)
-        sum = fmaf(w[j], x[j], sum);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j0 = lane; j0 < n_in; j0 += 32 * MV_UNROLL) {
+        float wv[MV_UNROLL], xv[MV_UNROLL];
+#pragma unroll
+        for (int k = 0; k < MV_UNROLL; ++k) {       // all loads first: MV_UNROLL in flight
+            const int j = j0 + 32 * k;
+            const bool inside = j < n_in;
+            wv[k] = inside ? w[j] : 0.0f;
+            xv[k] = inside ? x[j] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < MV_UNROLL; ++k)
+            acc[k & 3] = fmaf(wv[k], xv[k], acc[k & 3]);
+    }
+    float sum = __fadd_rn(__fadd_rn(acc[0], acc[1]), __fadd_rn(acc[2], acc[3]));
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1)
         sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
@@ -66,26 +117,44 @@ extern "C" __global__ void layer_forward_mv(const float* __restrict__ W,
 }
 
 // The streaming loop of backward_update_partial; MOMENTUM is a template flag so the plain-SGD
-// path neither branches per weight nor touches a velocity array.
+// path neither branches per weight nor touches a velocity array. The thread walks its column over
+// the `rows` rows of its chunk, BU_UNROLL at a time: it loads the old weights (and velocities) of
+// the group first, so BU_UNROLL loads are in flight at once, then for each row in order adds
+// old * delta into the partial sum (the same fmaf chain, in the same row order, as one row at a
+// time) and stores the updated weight. delta is the chunk's slice of delta_out in shared memory.
 template <bool MOMENTUM>
 __device__ __forceinline__ float update_column(float* __restrict__ W, float* __restrict__ vW,
-                                               const float* __restrict__ delta_out, float xj,
-                                               int j, int n_in, int row_begin, int row_end,
+                                               const float* __restrict__ delta, float xj,
+                                               int j, int n_in, int row_begin, int rows,
                                                float lr, float momentum)
 {
+    const size_t stride = (size_t)n_in;
+    float* __restrict__ w = W + (size_t)row_begin * stride + j;
+    float* __restrict__ v = vW + (size_t)row_begin * stride + j;
     float acc = 0.0f;
-    for (int i = row_begin; i < row_end; ++i) {
-        const float d = delta_out[i];                // same address for the block: a broadcast
-        const size_t idx = (size_t)i * n_in + j;
-        const float old = W[idx];
-        acc = fmaf(old, d, acc);                     // backward product uses the OLD weight
-        const float step = __fmul_rn(lr, __fmul_rn(d, xj));   // lr * grad, grad = d x (B = 1)
-        if (MOMENTUM) {
-            const float v = __fsub_rn(__fmul_rn(momentum, vW[idx]), step);
-            vW[idx] = v;
-            W[idx] = __fadd_rn(old, v);
-        } else {
-            W[idx] = __fsub_rn(old, step);
+    for (int r0 = 0; r0 < rows; r0 += BU_UNROLL) {
+        float old[BU_UNROLL], vel[BU_UNROLL];
+#pragma unroll
+        for (int k = 0; k < BU_UNROLL; ++k) {       // all loads of the group first
+            const bool inside = r0 + k < rows;     // the same for the whole block
+            old[k] = inside ? w[(r0 + k) * stride] : 0.0f;
+            if (MOMENTUM)
+                vel[k] = inside ? v[(r0 + k) * stride] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < BU_UNROLL; ++k) {
+            if (r0 + k < rows) {
+                const float d = delta[r0 + k];         // shared memory, a broadcast
+                acc = fmaf(old[k], d, acc);            // backward product uses the OLD weight
+                const float step = __fmul_rn(lr, __fmul_rn(d, xj));   // lr * grad, grad = d x (B = 1)
+                if (MOMENTUM) {
+                    const float vk = __fsub_rn(__fmul_rn(momentum, vel[k]), step);
+                    v[(r0 + k) * stride] = vk;
+                    w[(r0 + k) * stride] = __fadd_rn(old[k], vk);
+                } else {
+                    w[(r0 + k) * stride] = __fsub_rn(old[k], step);
+                }
+            }
         }
     }
     return acc;
@@ -96,34 +165,39 @@ __device__ __forceinline__ float update_column(float* __restrict__ W, float* __r
 //   partial (n_chunks, n_in) with n_chunks = ceil(n_out / BU_ROWS), written if want_partial,
 //   vW (n_out, n_in) and vb (n_out,) velocities, used only when momentum != 0 (any array of the
 //   right type may be passed otherwise; it is not touched).
-// Grid (ceil(n_in / blockDim.x), n_chunks), blockDim.x = BU_COLS (any multiple of 32 works).
+// Grid (ceil(n_in / blockDim.x), n_chunks), blockDim.x = BU_COLS (any multiple of 32 >= BU_ROWS).
 // Thread (tile, chunk, t) owns column j = tile * blockDim.x + t for rows chunk*BU_ROWS ... +BU_ROWS:
 // reads each W[i, j] once, adds W[i, j] * delta_out[i] to its partial sum and writes the updated
 // weight; consecutive threads touch consecutive j, so every row segment is coalesced. The partial
 // sums of all chunks are added by backward_reduce in chunk order (no atomics). Each weight has
 // exactly one owner, so reading the old value and writing the new one cannot race.
 // Blocks of column tile 0 also update the biases of their chunk's rows.
-extern "C" __global__ void backward_update_partial(float* __restrict__ W,
-                                                   float* __restrict__ b,
+extern "C" __global__ void backward_update_partial(float* __restrict__ W, float* __restrict__ b,
                                                    const float* __restrict__ delta_out,
                                                    const float* __restrict__ x,
                                                    float* __restrict__ partial,
-                                                   float* __restrict__ vW,
-                                                   float* __restrict__ vb,
-                                                   int n_out, int n_in,
-                                                   float lr, float momentum, int want_partial)
+                                                   float* __restrict__ vW, float* __restrict__ vb,
+                                                   int n_out, int n_in, float lr, float momentum,
+                                                   int want_partial)
 {
     const int chunk = blockIdx.y;
     const int row_begin = chunk * BU_ROWS;
     const int row_end = min(row_begin + BU_ROWS, n_out);
+    const int rows = row_end - row_begin;
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const bool use_momentum = momentum != 0.0f;
+
+    // The chunk's deltas, shared by every thread of the block (blockDim.x >= BU_ROWS).
+    __shared__ float delta[BU_ROWS];
+    if (threadIdx.x < rows)
+        delta[threadIdx.x] = delta_out[row_begin + threadIdx.x];
+    __syncthreads();
 
     if (j < n_in) {
         const float xj = x[j];
         const float acc = use_momentum
-            ? update_column<true>(W, vW, delta_out, xj, j, n_in, row_begin, row_end, lr, momentum)
-            : update_column<false>(W, vW, delta_out, xj, j, n_in, row_begin, row_end, lr, momentum);
+            ? update_column<true>(W, vW, delta, xj, j, n_in, row_begin, rows, lr, momentum)
+            : update_column<false>(W, vW, delta, xj, j, n_in, row_begin, rows, lr, momentum);
         if (want_partial)
             partial[(size_t)chunk * n_in + j] = acc;
     }
@@ -145,7 +219,8 @@ extern "C" __global__ void backward_update_partial(float* __restrict__ W,
 // backward_reduce: delta_in = (sum over chunks of partial) * f'(y_in), finishing delta_out W.
 //   partial (n_chunks, n_in), y_in (n_in,) the scaled-tanh outputs of the layer below,
 //   delta_in (n_in,). One thread per j (grid ceil(n_in / blockDim.x)); the chunks are added in
-//   increasing order, and consecutive threads read consecutive j of each chunk row (coalesced).
+//   increasing order (loaded BR_UNROLL at a time), and consecutive threads read consecutive j of
+//   each chunk row (coalesced).
 //   Not launched for the first layer (its input is the image, which has no delta).
 extern "C" __global__ void backward_reduce(const float* __restrict__ partial,
                                            const float* __restrict__ y_in,
@@ -155,8 +230,19 @@ extern "C" __global__ void backward_reduce(const float* __restrict__ partial,
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n_in)
         return;
+    const size_t stride = (size_t)n_in;
     float sum = partial[j];
-    for (int c = 1; c < n_chunks; ++c)
-        sum = __fadd_rn(sum, partial[(size_t)c * n_in + j]);
+    int c = 1;
+    for (; c + BR_UNROLL <= n_chunks; c += BR_UNROLL) {   // BR_UNROLL loads in flight, then the
+        float p[BR_UNROLL];                                 // adds in chunk order as before
+#pragma unroll
+        for (int k = 0; k < BR_UNROLL; ++k)
+            p[k] = partial[(c + k) * stride + j];
+#pragma unroll
+        for (int k = 0; k < BR_UNROLL; ++k)
+            sum = __fadd_rn(sum, p[k]);
+    }
+    for (; c < n_chunks; ++c)
+        sum = __fadd_rn(sum, partial[c * stride + j]);
     delta_in[j] = __fmul_rn(sum, scaled_tanh_derivative(y_in[j]));
 }

@@ -26,7 +26,8 @@ BU_COLS = 128         # columns per block of backward_update_partial = its block
 GEMM_TILE = 64        # output tile of the GEMM kernels (mlp_batch.cu TILE_M = TILE_N)
 GEMM_THREADS = 256    # mlp_batch.cu THREADS: the kernels assume exactly this block size
 
-MV_THREADS = 256      # 8 warps = 8 output rows per block of layer_forward_mv
+MV_THREADS = 256      # 8 warps = 8 output rows per block of layer_forward_mv (mlp_online.cu
+                      # MV_THREADS, its __launch_bounds__: a bigger block would fail to launch)
 REDUCE_THREADS = 256
 SOFTMAX_THREADS = 128  # 4 warps = 4 rows per block
 GATHER_THREADS = 256   # 841 floats per image: 4 per thread
