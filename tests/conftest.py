@@ -40,3 +40,10 @@ def synthetic_mnist(monkeypatch):
     data = make_synthetic_mnist()
     monkeypatch.setattr("gpumlp.data.load_mnist", lambda *args, **kwargs: data)
     return data
+
+
+def pytest_collection_modifyitems(items):
+    """A test that asks for real digits is an `mnist` test, marked or not (so `-m "not mnist"` works)."""
+    for item in items:
+        if "mnist" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mnist)
