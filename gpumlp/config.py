@@ -8,7 +8,7 @@ from gpumlp.errors import ConfigError
 from gpumlp.nets import PAPER_NETS, layer_sizes
 
 # The paper starts at 1e-3 and ends near 1e-6, but its per-epoch factor is not recoverable from the
-# text. 0.991 takes 1e-3 to the 1e-6 floor at epoch 767, so the rate keeps falling across the
+# text. 0.991 takes 1e-3 to the 1e-6 floor at epoch 766, so the rate keeps falling across the
 # paper's 800 epochs and sits at the floor only for the last few dozen.
 DEFAULT_LR_DECAY = 0.991
 
