@@ -16,6 +16,20 @@
 #define CENTRE 14.0f
 #define DEG2RAD 0x1.1df46ap-6f      // float32(pi / 180), the reference's DEG2RAD, spelt exactly
 
+// One value of a separable Gaussian pass along a line of a 29x29 field: `centre` points at the
+// value, `stride` is 1 along a row or SIDE along a column, `pos` is its index on that line. Zero
+// boundary: taps that fall outside the image are skipped; ascending k, as the reference documents.
+__device__ __forceinline__ float smooth_along(const float* centre, int stride, int pos,
+                                              const float* __restrict__ taps, int radius)
+{
+    const int lo = max(-radius, -pos);
+    const int hi = min(radius, SIDE - 1 - pos);
+    float sum = 0.0f;
+    for (int k = lo; k <= hi; ++k)
+        sum = __fadd_rn(sum, __fmul_rn(taps[k + radius], centre[k * stride]));
+    return sum;
+}
+
 // deform_images: one block per image (grid-stride over images), any blockDim.x (256 is typical).
 //   images  (n_images, 841) float   source digits
 //   labels  (n_images,) int         selects beta_1_7 for the digits 1 and 7
@@ -99,20 +113,10 @@ extern "C" __global__ void deform_images(const float* __restrict__ images,
         __syncthreads();
 
         if (elastic) {
-            // Horizontal pass over both fields (e < 841: x field, else y field). Zero boundary:
-            // taps that fall outside the row are skipped. Ascending k, as documented.
+            // Horizontal pass over both fields (e < 841: x field, else y field).
             for (int e = tid; e < FIELD_VALUES; e += nthreads) {
-                const int base = e < PIXELS ? 0 : PIXELS;
-                const int pix = e - base;
-                const int y = pix / SIDE;
-                const int x = pix - y * SIDE;
-                const int lo = max(-radius, -x);
-                const int hi = min(radius, SIDE - 1 - x);
-                const float* row = s_field + base + y * SIDE + x;
-                float sum = 0.0f;
-                for (int k = lo; k <= hi; ++k)
-                    sum = __fadd_rn(sum, __fmul_rn(taps[k + radius], row[k]));
-                s_tmp[e] = sum;
+                const int pix = e < PIXELS ? e : e - PIXELS;
+                s_tmp[e] = smooth_along(s_field + e, 1, pix % SIDE, taps, radius);
             }
         }
         __syncthreads();
@@ -120,17 +124,8 @@ extern "C" __global__ void deform_images(const float* __restrict__ images,
         if (elastic) {
             // Vertical pass, s_tmp -> s_field (nobody reads s_field now), times alpha.
             for (int e = tid; e < FIELD_VALUES; e += nthreads) {
-                const int base = e < PIXELS ? 0 : PIXELS;
-                const int pix = e - base;
-                const int y = pix / SIDE;
-                const int x = pix - y * SIDE;
-                const int lo = max(-radius, -y);
-                const int hi = min(radius, SIDE - 1 - y);
-                const float* col = s_tmp + base + y * SIDE + x;
-                float sum = 0.0f;
-                for (int k = lo; k <= hi; ++k)
-                    sum = __fadd_rn(sum, __fmul_rn(taps[k + radius], col[k * SIDE]));
-                s_field[e] = __fmul_rn(alpha, sum);
+                const int pix = e < PIXELS ? e : e - PIXELS;
+                s_field[e] = __fmul_rn(alpha, smooth_along(s_tmp + e, SIDE, pix / SIDE, taps, radius));
             }
         }
         __syncthreads();
