@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpumlp.device import KernelArgumentError
-from gpumlp.emulator import EmulatorError, load_module, load_module_source
+from gpumlp.emulator import EmulatorError, benchmark, load_module, load_module_source
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 RACE_CHECKS = [dict(poison_shared=False, reverse_threads=False), dict(poison_shared=True, reverse_threads=True),
@@ -115,7 +115,7 @@ def test_tiled_gemm_matches_numpy_under_race_checks():
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((50, 70)).astype(np.float32), rng.standard_normal((70, 40)).astype(np.float32)
     c = np.zeros((50, 40), np.float32)
-    module = load_module(KERNELS / "tiled_gemm.cu", poison_shared=True, reverse_threads=True)
+    module = load_module(benchmark.SOURCE, poison_shared=True, reverse_threads=True)
     module.get_function("tiled_gemm")((3, 4), (16, 16), (a, b, c, np.int32(50), np.int32(70), np.int32(40)))
     np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
 
@@ -203,7 +203,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     assert list(x) == [7, 7, 7]
 
 
-@pytest.mark.parametrize("path", sorted(KERNELS.glob("*.cu")), ids=lambda path: path.name)
+@pytest.mark.parametrize("path", [*sorted(KERNELS.glob("*.cu")), benchmark.SOURCE], ids=lambda path: path.name)
 def test_the_test_kernels_are_valid_cuda_for_nvrtc(path):
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
     program = nvrtc.createProgram(path.read_text(), path.name, [], [])
