@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpumlp import ops_deform, ops_mlp
+from gpumlp import nets, ops_deform, ops_mlp
 from gpumlp.errors import UserError
 
 GRAPH_STEPS_CUDA = 1000     # ~20k nodes for net 4 online: capture cost is amortised over the epoch
@@ -64,8 +64,7 @@ class DeviceTrainer:
     def memory_needed(self, n_train, n_val_separate, n_test) -> int:
         """Bytes of device memory the run allocates (params, velocities, images, workspaces)."""
         sizes, B = self.sizes, self.batch_size
-        weights = sum(n_out * n_in + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
-        params = 4 * weights * (2 if self.config.momentum else 1)
+        params = 4 * nets.count_weights(sizes) * (2 if self.config.momentum else 1)
         images = 4 * sizes[0] * (n_train * (2 if self.deform_config else 1) + n_val_separate + n_test)
         per_sample = 4 * n_train * (1 + 1 + 4)  # labels, order, deformation parameters
         activations = 4 * B * sum(sizes) * 2 + 4 * ops_mlp.partial_rows(max(sizes[1:])) * max(sizes)
