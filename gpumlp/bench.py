@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gpumlp import nets
-from gpumlp.cli import EXIT_USAGE, OneLineErrorParser
+from gpumlp.commands import EXIT_USAGE, OneLineErrorParser
 from gpumlp.errors import UserError, is_user_error
 from gpumlp.reference import TANH_A, TANH_B
 from gpumlp.training import epoch_order

@@ -6,16 +6,10 @@ import argparse
 import sys
 
 from gpumlp import nets
+from gpumlp.commands import EXIT_INTERRUPTED, EXIT_USAGE, OneLineErrorParser
 from gpumlp.config import DEFAULT_LR_DECAY, TrainConfig, validate
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage before an error; we print the error alone, on one line."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+EXIT_DIVERGED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from gpumlp import nets
+from gpumlp.commands import OneLineErrorParser, run_command
 from gpumlp.errors import UserError
-from gpumlp.report import OneLineErrorParser, load_predictions, markdown_table, percent, run_command
+from gpumlp.results import load_predictions, markdown_table, percent
 from gpumlp.rundir import RunDirError
 
 

@@ -277,7 +277,7 @@ def recorded_nvrtc_version(text: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    from gpumlp.cli import OneLineErrorParser
+    from gpumlp.commands import OneLineErrorParser
     parser = OneLineErrorParser(
         prog="python -m gpumlp.compile_gate",
         description="Compile every kernel in cuda_kernels/*.cu with NVRTC for every supported GPU "

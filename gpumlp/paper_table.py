@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from gpumlp import nets
+from gpumlp.commands import OneLineErrorParser
 from gpumlp.errors import UserError
-from gpumlp.report import (PAPER_EPOCHS, FinishedRun, OneLineErrorParser, duration, load_run, markdown_table,
-                           paper_net_id, percent)
+from gpumlp.results import PAPER_EPOCHS, FinishedRun, duration, load_run, markdown_table, paper_net_id, percent
 from gpumlp.studies import refuse_flags, run_study, train_run
 
 HEADER = ["ID", "architecture (neurons per layer)", "weights [millions]", "epochs",

@@ -578,7 +578,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gpumlp.cli import OneLineErrorParser
+    from gpumlp.commands import OneLineErrorParser
     p = OneLineErrorParser(
         prog="python -m gpumlp.profile",
         description="Profile every kernel of one training step (and the per-epoch deformation) at the "

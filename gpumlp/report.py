@@ -9,8 +9,7 @@ Written into the run directory:
     training.gif      receptive fields and curves across the epochs (snapshots/)
     report.md         the summary beside the paper's numbers, linking the pictures
 
-The first part (reading a run, formatting numbers, the one-line error wrapper) is shared by the
-committee, paper_table and studies commands; matplotlib is imported only when drawing.
+Matplotlib is imported only when drawing.
 """
 from __future__ import annotations
 
@@ -18,16 +17,17 @@ import argparse
 import dataclasses
 import io
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gpumlp import nets
+from gpumlp.commands import OneLineErrorParser, run_command
 from gpumlp.errors import UserError
+from gpumlp.results import (PAPER_EPOCHS, FinishedRun, duration, load_predictions, load_run, markdown_table,
+                            paper_net_id, percent)
 from gpumlp.rundir import RunDir, RunDirError
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 SIDE = 29
 DEFORMED_EPOCHS = 6            # columns of deformations.png: what epochs 1..6 showed the net
 MAX_ERRORS_SHOWN = 500         # an early, poor net can get thousands wrong; the picture stays legible
@@ -35,95 +35,6 @@ CORRECT_SAMPLE = 40
 MOSAIC_COLUMNS = 20
 MAX_GIF_BYTES = 2_000_000
 GIF_FRAME_MS = 250
-PAPER_EPOCHS = 800
-
-
-# -- reading a run ---------------------------------------------------------------------------------
-@dataclass
-class FinishedRun:
-    path: Path
-    config: dict
-    summary: dict
-    metrics: list
-
-    @property
-    def sizes(self) -> list:
-        return self.config["sizes"]
-
-    @property
-    def settings(self) -> dict:
-        return self.config["settings"]
-
-
-def load_run(path) -> FinishedRun:
-    """A run directory that has finished at least one epoch; RunDirError (one line) otherwise."""
-    run_dir = RunDir(path)
-    if not run_dir.path.is_dir():
-        raise RunDirError(f"{path}: no such run directory")
-    config = run_dir.load_config()
-    summary = run_dir.read_summary()
-    if summary.get("test_error_at_best_val") is None:
-        raise RunDirError(f"{path}: summary.json has no finished epoch yet")
-    return FinishedRun(run_dir.path, config, summary, run_dir.read_metrics())
-
-
-def load_predictions(path) -> tuple[np.ndarray, np.ndarray]:
-    """(best_val_probs (N, 10), test_labels (N,)) of a run directory."""
-    file = Path(path) / "predictions.npz"
-    if not file.is_file():
-        raise RunDirError(f"{path}: no predictions.npz (the run has not written a checkpoint yet)")
-    with np.load(file) as data:
-        return np.array(data["best_val_probs"]), np.array(data["test_labels"])
-
-
-def paper_net_id(sizes) -> int | None:
-    """The paper's net (1-5) with exactly these layer sizes, else None."""
-    for net, hidden in nets.PAPER_NETS.items():
-        if list(sizes) == nets.layer_sizes(hidden):
-            return net
-    return None
-
-
-# -- formatting ------------------------------------------------------------------------------------
-def percent(fraction) -> str:
-    return "n/a" if fraction is None else f"{100 * fraction:.2f}"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-# -- the commands' shared error handling -------------------------------------------------------------
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage before an error; the commands print the error alone."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
-
-
-def run_command(action) -> int:
-    """Runs action() -> exit code; a failure the user can fix becomes one `error:` line, exit 2."""
-    from gpumlp.errors import is_user_error
-    try:
-        return action()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as error:
-        if not is_user_error(error):
-            raise
-        message = " ".join(str(error).split())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from gpumlp import cli
+from gpumlp.commands import OneLineErrorParser, run_command
 from gpumlp.errors import UserError
-from gpumlp.report import (FinishedRun, OneLineErrorParser, duration, load_run, markdown_table, percent,
-                           run_command)
+from gpumlp.results import FinishedRun, duration, load_run, markdown_table, percent
 
 
 class TrainingFailed(Exception):

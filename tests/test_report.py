@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpumlp import cli, nets, report
+from gpumlp import cli, nets, report, results
 from gpumlp.deform import DeformConfig
 from gpumlp.rundir import snapshot_epochs
 from helpers import synthetic_digits
@@ -54,7 +54,7 @@ def test_report_writes_every_picture_gif_and_markdown(synthetic_mnist, tmp_path)
 def test_summary_table_puts_the_paper_beside_a_paper_net(tmp_path):
     summary = {"test_error_at_best_val": 0.0123, "best_val_epoch": 7, "best_test_error": 0.011,
                "best_test_epoch": 9, "epochs_completed": 10, "total_seconds": 4000.0, "device": "NVIDIA H100"}
-    run = report.FinishedRun(tmp_path, {"sizes": nets.layer_sizes(nets.PAPER_NETS[4]), "settings": {}}, summary, [])
+    run = results.FinishedRun(tmp_path, {"sizes": nets.layer_sizes(nets.PAPER_NETS[4]), "settings": {}}, summary, [])
     table = report.summary_table(run)
     assert "| this run | 1.23% (epoch 7) | 1.10% (epoch 9) | 10 | 66.7 min on NVIDIA H100 |" in table
     assert "| paper, net 4 | 0.35% | 0.32% | 800 | 114.5 h on a GTX 280 |" in table
