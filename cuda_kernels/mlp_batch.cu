@@ -12,10 +12,7 @@
 // the bits depend only on the inputs. Epilogue steps that the reference rounds separately use
 // __fmul_rn/__fadd_rn/__fsub_rn/__fdiv_rn (no contraction).
 
-#define TANH_A 0x1.b74538p+0f         // float32(1.7159)
-#define TANH_B 0x1.554c98p-1f         // float32(0.6666)
-#define TANH_B_OVER_A 0x1.8dceccp-2f  // float32(TANH_B) / float32(TANH_A)
-#define TANH_A_SQUARED 0x1.78df3cp+1f // float32(TANH_A) * float32(TANH_A)
+#include "mlp_common.cuh"
 
 #define TILE_M 64
 #define TILE_N 64
@@ -24,16 +21,6 @@
 #define THREAD_M 4       // TILE_M / 16
 #define THREAD_N 4       // TILE_N / 16
 #define PAD 1            // tile rows of 65 floats: the K-contiguous staging stores hit distinct banks
-
-__device__ __forceinline__ float scaled_tanh(float a)
-{
-    return __fmul_rn(TANH_A, tanhf(__fmul_rn(TANH_B, a)));
-}
-
-__device__ __forceinline__ float scaled_tanh_derivative(float y)
-{
-    return __fmul_rn(TANH_B_OVER_A, __fsub_rn(TANH_A_SQUARED, __fmul_rn(y, y)));
-}
 
 // Stage the K slice [k0, k0 + TILE_K) of rows [r0, r0 + TILE) of an operand into S[k][r] (zero
 // outside the matrix, so the product loop needs no bounds checks). The operand element (r, k) is
@@ -189,13 +176,7 @@ extern "C" __global__ void sgd_update_gemm(const float* __restrict__ delta_out,
             if (m < n_out && n < n_in) {
                 const size_t idx = (size_t)m * n_in + n;
                 const float step = __fmul_rn(lr, __fdiv_rn(acc[i][j], scale));
-                if (use_momentum) {
-                    const float v = __fsub_rn(__fmul_rn(momentum, vW[idx]), step);
-                    vW[idx] = v;
-                    W[idx] = __fadd_rn(W[idx], v);
-                } else {
-                    W[idx] = __fsub_rn(W[idx], step);
-                }
+                sgd_step(W + idx, vW + idx, step, momentum, use_momentum);
             }
         }
     }
@@ -204,13 +185,6 @@ extern "C" __global__ void sgd_update_gemm(const float* __restrict__ delta_out,
         float sum = 0.0f;
         for (int r = 0; r < batch; ++r)
             sum = __fadd_rn(sum, delta_out[(size_t)r * n_out + m]);
-        const float step = __fmul_rn(lr, __fdiv_rn(sum, scale));
-        if (use_momentum) {
-            const float v = __fsub_rn(__fmul_rn(momentum, vb[m]), step);
-            vb[m] = v;
-            b[m] = __fadd_rn(b[m], v);
-        } else {
-            b[m] = __fsub_rn(b[m], step);
-        }
+        sgd_step(b + m, vb + m, __fmul_rn(lr, __fdiv_rn(sum, scale)), momentum, use_momentum);
     }
 }

@@ -9,10 +9,7 @@
 // f'(y)) use __fmul_rn/__fadd_rn/__fsub_rn so NVRTC cannot contract them into an fma: the weight
 // update is then bit-identical to sgd_update_ref, and only the dot products differ (order).
 
-#define TANH_A 0x1.b74538p+0f        // float32(1.7159)
-#define TANH_B 0x1.554c98p-1f        // float32(0.6666)
-#define TANH_B_OVER_A 0x1.8dceccp-2f // float32(TANH_B) / float32(TANH_A), rounded once as numpy does
-#define TANH_A_SQUARED 0x1.78df3cp+1f // float32(TANH_A) * float32(TANH_A)
+#include "mlp_common.cuh"
 
 #define FULL_MASK 0xffffffffu
 
@@ -53,18 +50,6 @@
 // registers and starts the fmafs after ~6 loads of W, which is no better than the old
 // one-load-per-step loop that it software-pipelined to ~7 loads in flight.
 #define MV_THREADS 256
-
-__device__ __forceinline__ float scaled_tanh(float a)
-{
-    return __fmul_rn(TANH_A, tanhf(__fmul_rn(TANH_B, a)));
-}
-
-// dy/da of the scaled tanh written through its output y: (B/A)(A^2 - y^2), same roundings as
-// scaled_tanh_derivative_from_output.
-__device__ __forceinline__ float scaled_tanh_derivative(float y)
-{
-    return __fmul_rn(TANH_B_OVER_A, __fsub_rn(TANH_A_SQUARED, __fmul_rn(y, y)));
-}
 
 // layer_forward_mv: y = act(W x + b) for ONE sample.
 //   W (n_out, n_in), b (n_out,), x (n_in,), y (n_out,); activate != 0: scaled tanh, else linear.
@@ -205,14 +190,7 @@ extern "C" __global__ void backward_update_partial(float* __restrict__ W, float*
     // grad_b = delta_out (B = 1): one thread per bias row of the chunk, in tile 0 only.
     const int i = row_begin + threadIdx.x;
     if (blockIdx.x == 0 && threadIdx.x < BU_ROWS && i < row_end) {
-        const float step = __fmul_rn(lr, delta_out[i]);
-        if (use_momentum) {
-            const float v = __fsub_rn(__fmul_rn(momentum, vb[i]), step);
-            vb[i] = v;
-            b[i] = __fadd_rn(b[i], v);
-        } else {
-            b[i] = __fsub_rn(b[i], step);
-        }
+        sgd_step(b + i, vb + i, __fmul_rn(lr, delta_out[i]), momentum, use_momentum);
     }
 }
 
