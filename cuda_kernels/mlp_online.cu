@@ -190,7 +190,16 @@ extern "C" __global__ void backward_update_partial(float* __restrict__ W, float*
     // grad_b = delta_out (B = 1): one thread per bias row of the chunk, in tile 0 only.
     const int i = row_begin + threadIdx.x;
     if (blockIdx.x == 0 && threadIdx.x < BU_ROWS && i < row_end) {
-        sgd_step(b + i, vb + i, __fmul_rn(lr, delta_out[i]), momentum, use_momentum);
+        // Written out rather than through sgd_step: the same arithmetic, but with the call ptxas
+        // allocates ~30 more registers on sm_107/120/121 (RESOURCES.md).
+        const float step = __fmul_rn(lr, delta_out[i]);
+        if (use_momentum) {
+            const float v = __fsub_rn(__fmul_rn(momentum, vb[i]), step);
+            vb[i] = v;
+            b[i] = __fadd_rn(b[i], v);
+        } else {
+            b[i] = __fsub_rn(b[i], step);
+        }
     }
 }
 
