@@ -6,10 +6,8 @@ import argparse
 import sys
 
 from gpumlp import nets
-from gpumlp.commands import EXIT_INTERRUPTED, EXIT_USAGE, OneLineErrorParser
+from gpumlp.commands import EXIT_INTERRUPTED, OneLineErrorParser, run_command
 from gpumlp.config import DEFAULT_LR_DECAY, TrainConfig, validate
-
-EXIT_DIVERGED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,17 +93,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    try:
-        return run(args, argv, log)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as error:  # every expected failure arrives here as one line
-        from gpumlp.errors import is_user_error
-        if not is_user_error(error):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        from gpumlp.training import TrainingDiverged
-        return EXIT_DIVERGED if isinstance(error, TrainingDiverged) else EXIT_USAGE
+    return run_command(lambda: run(args, argv, log))
 
 
 def run(args, argv, log) -> int:

@@ -15,8 +15,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def run_command(action) -> int:
-    """Runs action() -> exit code; a failure the user can fix becomes one `error:` line, exit 2."""
-    from gpumlp.errors import is_user_error
+    """Runs action() -> exit code; a failure the user can fix becomes one `error:` line and its
+    exit code (2 unless the error says otherwise)."""
+    from gpumlp.errors import exit_code, is_user_error
     try:
         return action()
     except KeyboardInterrupt:
@@ -26,4 +27,4 @@ def run_command(action) -> int:
             raise
         message = " ".join(str(error).split())
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_code(error)

@@ -17,6 +17,8 @@ from gpumlp.rundir import RunDir, snapshot_epochs, weights_sha256
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run directory keeps the last good checkpoint."""
 
+    exit_code = 3
+
 
 @dataclass
 class Split:
