@@ -96,7 +96,8 @@ class Device:
         return self.xp.asarray(np.ascontiguousarray(host_array, dtype=dtype))
 
     def to_host(self, array) -> np.ndarray:
-        return np.asarray(array)
+        """An independent host copy (later launches never change it)."""
+        return np.array(array, copy=True)
 
     def zeros(self, shape, dtype=np.float32):
         return self.xp.zeros(shape, dtype=dtype)

@@ -180,7 +180,7 @@ class DeviceTrainer:
             inputs = [x, *outs[:-1]]
             for layer, (W, b) in enumerate(self.params):
                 ops_mlp.layer_forward(d, W, b, inputs[layer], outs[layer], activate=layer < last)
-            logits.append(d.to_host(outs[-1]).copy())
+            logits.append(d.to_host(outs[-1]))
         logits = np.concatenate(logits).astype(np.float64)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -188,7 +188,7 @@ class DeviceTrainer:
     # -- state -----------------------------------------------------------------------------------
     def get_state(self) -> dict:
         d = self.device
-        host = lambda pairs: [(d.to_host(W).copy(), d.to_host(b).copy()) for W, b in pairs]  # noqa: E731
+        host = lambda pairs: [(d.to_host(W), d.to_host(b)) for W, b in pairs]  # noqa: E731
         velocities = host(self.velocities) if self.velocities else [(np.zeros(W.shape, np.float32), np.zeros(b.shape, np.float32)) for W, b in self.params]
         return {"params": host(self.params), "velocities": velocities}
 
