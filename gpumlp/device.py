@@ -39,6 +39,20 @@ def check_kernel_args(kernel_name: str, args) -> None:
                 f"wrap it as numpy.int32 or numpy.float32 (CuPy would pass it as a 64-bit value)")
 
 
+def check_array(kernel: str, name: str, array, size: int | tuple, dtype=np.float32) -> None:
+    """What a launcher checks before passing `array` to `kernel`: dtype, C order, and `size`, an
+    exact shape (tuple) or an element count (int: any shape with that many)."""
+    if array.dtype != np.dtype(dtype):
+        raise ValueError(f"{kernel}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if isinstance(size, tuple):
+        if tuple(array.shape) != size:
+            raise ValueError(f"{kernel}: {name} must have shape {size}, got {tuple(array.shape)}")
+    elif int(array.size) != size:
+        raise ValueError(f"{kernel}: {name} must have {size} elements, got shape {tuple(array.shape)}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{kernel}: {name} must be C-contiguous")
+
+
 def kernel_source(filename: str) -> str:
     path = KERNEL_DIR / filename
     if not path.is_file():

@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 
 from gpumlp.deform import PIXELS, DeformConfig, gaussian_taps
+from gpumlp.device import check_array
 
 THREADS = 256          # 841 pixels / 421 Philox blocks: a few items per thread, 8 warps per image
 MAX_GRID = 65535       # the kernel strides over images, so a capped grid still covers any N
@@ -26,14 +27,6 @@ def _cached(device, key, make):
     return per_device[key]
 
 
-def _check(name, array, shape, dtype):
-    if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-        raise ValueError(f"deform_images: {name} must be {np.dtype(dtype).name} {tuple(shape)}, "
-                         f"got {array.dtype} {tuple(array.shape)}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"deform_images: {name} must be C-contiguous")
-
-
 def deform_images(device, images, labels, indices, out, params, seed, epoch, cfg: DeformConfig,
                   threads: int = THREADS) -> None:
     """out[i], params[i] = the deformation of images[i] for (seed, epoch), as deform_images_ref.
@@ -42,13 +35,13 @@ def deform_images(device, images, labels, indices, out, params, seed, epoch, cfg
     dataset index that keys the RNG), out (N, 841) float32, params (N, 4) float32; all device
     arrays of `device`. seed, epoch: integers in [0, 2^32)."""
     n = int(images.shape[0])
-    _check("images", images, (n, PIXELS), np.float32)
-    _check("labels", labels, (n,), np.int32)
-    _check("out", out, (n, PIXELS), np.float32)
-    _check("params", params, (n, 4), np.float32)
+    check_array("deform_images", "images", images, (n, PIXELS), np.float32)
+    check_array("deform_images", "labels", labels, (n,), np.int32)
+    check_array("deform_images", "out", out, (n, PIXELS), np.float32)
+    check_array("deform_images", "params", params, (n, 4), np.float32)
     if indices is None:
         indices = _cached(device, ("arange", n), lambda: device.asarray(np.arange(n, dtype=np.int32)))
-    _check("indices", indices, (n,), np.int32)
+    check_array("deform_images", "indices", indices, (n,), np.int32)
     if n == 0:
         return
     taps = _cached(device, ("taps", float(cfg.sigma)), lambda: device.asarray(gaussian_taps(cfg.sigma)))
@@ -66,8 +59,7 @@ def philox_fill(device, indices, out, n_blocks: int, seed, epoch, threads: int =
 
     indices (N,) int32, out (N, n_blocks * 4) uint32, device arrays."""
     n = int(indices.shape[0])
-    if tuple(out.shape) != (n, n_blocks * 4) or out.dtype != np.uint32:
-        raise ValueError(f"philox_fill: out must be uint32 {(n, n_blocks * 4)}, got {out.dtype} {tuple(out.shape)}")
+    check_array("philox_fill", "out", out, (n, n_blocks * 4), np.uint32)
     total = n * n_blocks
     if total == 0:
         return

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpumlp.device import check_array
+
 ONLINE = "mlp_online.cu"
 BATCH = "mlp_batch.cu"
 STEP = "train_step.cu"
@@ -38,19 +40,6 @@ def _blocks(n: int, per_block: int) -> int:
     return max(1, -(-int(n) // per_block))
 
 
-def _check(kernel: str, name: str, array, size: int | tuple, dtype=np.float32) -> None:
-    """`size` is an exact shape (tuple) or an element count (int: any shape with that many)."""
-    if array.dtype != np.dtype(dtype):
-        raise ValueError(f"{kernel}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
-    if isinstance(size, tuple):
-        if tuple(array.shape) != size:
-            raise ValueError(f"{kernel}: {name} must have shape {size}, got {tuple(array.shape)}")
-    elif int(array.size) != size:
-        raise ValueError(f"{kernel}: {name} must have {size} elements, got shape {tuple(array.shape)}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{kernel}: {name} must be C-contiguous")
-
-
 def _velocities(kernel, W, b, momentum, velocity_W, velocity_b):
     """The velocity arrays to pass: the real ones with momentum, else W and b as placeholders
     (the kernels never touch them when momentum == 0)."""
@@ -58,8 +47,8 @@ def _velocities(kernel, W, b, momentum, velocity_W, velocity_b):
         return W, b
     if velocity_W is None or velocity_b is None:
         raise ValueError(f"{kernel}: momentum {float(momentum)} needs velocity_W and velocity_b")
-    _check(kernel, "velocity_W", velocity_W, tuple(W.shape))
-    _check(kernel, "velocity_b", velocity_b, tuple(b.shape))
+    check_array(kernel, "velocity_W", velocity_W, tuple(W.shape))
+    check_array(kernel, "velocity_b", velocity_b, tuple(b.shape))
     return velocity_W, velocity_b
 
 
@@ -82,10 +71,10 @@ def layer_forward_mv(device, W, b, x, y, activate: bool) -> None:
     """y = act(W x + b) for one sample. W (n_out, n_in), b (n_out,), x (n_in,) or (1, n_in),
     y (n_out,) or (1, n_out); activate: scaled tanh, else linear (the output layer)."""
     n_out, n_in = (int(s) for s in W.shape)
-    _check("layer_forward_mv", "b", b, (n_out,))
-    _check("layer_forward_mv", "x", x, n_in)
-    _check("layer_forward_mv", "y", y, n_out)
-    _check("layer_forward_mv", "W", W, (n_out, n_in))
+    check_array("layer_forward_mv", "b", b, (n_out,))
+    check_array("layer_forward_mv", "x", x, n_in)
+    check_array("layer_forward_mv", "y", y, n_out)
+    check_array("layer_forward_mv", "W", W, (n_out, n_in))
     kernel = device.kernel(ONLINE, "layer_forward_mv")
     device.launch(kernel, (_blocks(n_out, MV_THREADS // 32),), (MV_THREADS,),
                   (W, b, x, y, np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
@@ -99,10 +88,10 @@ def backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum=0.
     least partial_elements(n_out, n_in) floats (only the first are written, as (chunks, n_in))."""
     name = "backward_update_partial"
     n_out, n_in = (int(s) for s in W.shape)
-    _check(name, "W", W, (n_out, n_in))
-    _check(name, "b", b, (n_out,))
-    _check(name, "delta_out", delta_out, n_out)
-    _check(name, "x", x, n_in)
+    check_array(name, "W", W, (n_out, n_in))
+    check_array(name, "b", b, (n_out,))
+    check_array(name, "delta_out", delta_out, n_out)
+    check_array(name, "x", x, n_in)
     if partial.dtype != np.float32 or not partial.flags.c_contiguous or partial.size < partial_elements(n_out, n_in):
         raise ValueError(f"{name}: partial must be a C-contiguous float32 array of at least "
                          f"{partial_elements(n_out, n_in)} elements, got {partial.dtype} {tuple(partial.shape)}")
@@ -117,8 +106,8 @@ def backward_reduce(device, partial, y_in, delta_in, n_out: int) -> None:
     """delta_in = (sum of the partial_rows(n_out) chunk rows of partial) * f'(y_in), for the
     layer below one with n_out outputs. y_in, delta_in: n_in floats ((n_in,) or (1, n_in))."""
     n_in = int(y_in.size)
-    _check("backward_reduce", "delta_in", delta_in, n_in)
-    _check("backward_reduce", "y_in", y_in, n_in)
+    check_array("backward_reduce", "delta_in", delta_in, n_in)
+    check_array("backward_reduce", "y_in", y_in, n_in)
     chunks = partial_rows(n_out)
     if partial.dtype != np.float32 or not partial.flags.c_contiguous or partial.size < chunks * n_in:
         raise ValueError(f"backward_reduce: partial must be a C-contiguous float32 array of at least "
@@ -134,10 +123,10 @@ def layer_forward_gemm(device, W, b, X, Y, activate: bool) -> None:
     """Y (B, n_out) = act(X (B, n_in) W^T + b). W (n_out, n_in), b (n_out,)."""
     n_out, n_in = (int(s) for s in W.shape)
     batch = int(X.shape[0])
-    _check("layer_forward_gemm", "W", W, (n_out, n_in))
-    _check("layer_forward_gemm", "b", b, (n_out,))
-    _check("layer_forward_gemm", "X", X, (batch, n_in))
-    _check("layer_forward_gemm", "Y", Y, (batch, n_out))
+    check_array("layer_forward_gemm", "W", W, (n_out, n_in))
+    check_array("layer_forward_gemm", "b", b, (n_out,))
+    check_array("layer_forward_gemm", "X", X, (batch, n_in))
+    check_array("layer_forward_gemm", "Y", Y, (batch, n_out))
     if batch == 0:
         return
     kernel = device.kernel(BATCH, "layer_forward_gemm")
@@ -150,10 +139,10 @@ def backprop_delta_gemm(device, W, delta_out, y_in, delta_in) -> None:
     updated: launch before sgd_update_gemm of the same layer."""
     n_out, n_in = (int(s) for s in W.shape)
     batch = int(delta_out.shape[0])
-    _check("backprop_delta_gemm", "W", W, (n_out, n_in))
-    _check("backprop_delta_gemm", "delta_out", delta_out, (batch, n_out))
-    _check("backprop_delta_gemm", "y_in", y_in, (batch, n_in))
-    _check("backprop_delta_gemm", "delta_in", delta_in, (batch, n_in))
+    check_array("backprop_delta_gemm", "W", W, (n_out, n_in))
+    check_array("backprop_delta_gemm", "delta_out", delta_out, (batch, n_out))
+    check_array("backprop_delta_gemm", "y_in", y_in, (batch, n_in))
+    check_array("backprop_delta_gemm", "delta_in", delta_in, (batch, n_in))
     kernel = device.kernel(BATCH, "backprop_delta_gemm")
     device.launch(kernel, (_blocks(n_in, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
                   (delta_out, W, y_in, delta_in, np.int32(batch), np.int32(n_out), np.int32(n_in)))
@@ -165,10 +154,10 @@ def sgd_update_gemm(device, W, b, delta_out, X, lr, momentum=0.0, velocity_W=Non
     name = "sgd_update_gemm"
     n_out, n_in = (int(s) for s in W.shape)
     batch = int(delta_out.shape[0])
-    _check(name, "W", W, (n_out, n_in))
-    _check(name, "b", b, (n_out,))
-    _check(name, "delta_out", delta_out, (batch, n_out))
-    _check(name, "X", X, (batch, n_in))
+    check_array(name, "W", W, (n_out, n_in))
+    check_array(name, "b", b, (n_out,))
+    check_array(name, "delta_out", delta_out, (batch, n_out))
+    check_array(name, "X", X, (batch, n_in))
     vW, vb = _velocities(name, W, b, momentum, velocity_W, velocity_b)
     kernel = device.kernel(BATCH, name)
     device.launch(kernel, (_blocks(n_in, GEMM_TILE), _blocks(n_out, GEMM_TILE)), (GEMM_THREADS,),
@@ -183,12 +172,12 @@ def softmax_xent(device, logits, labels, delta, loss, wrong, prediction) -> None
     wrong = prediction != label. logits, delta (B, C) float32; labels, wrong, prediction (B,)
     int32; loss (B,) float32."""
     batch, n_classes = (int(s) for s in logits.shape)
-    _check("softmax_xent", "logits", logits, (batch, n_classes))
-    _check("softmax_xent", "labels", labels, (batch,), np.int32)
-    _check("softmax_xent", "delta", delta, (batch, n_classes))
-    _check("softmax_xent", "loss", loss, (batch,))
-    _check("softmax_xent", "wrong", wrong, (batch,), np.int32)
-    _check("softmax_xent", "prediction", prediction, (batch,), np.int32)
+    check_array("softmax_xent", "logits", logits, (batch, n_classes))
+    check_array("softmax_xent", "labels", labels, (batch,), np.int32)
+    check_array("softmax_xent", "delta", delta, (batch, n_classes))
+    check_array("softmax_xent", "loss", loss, (batch,))
+    check_array("softmax_xent", "wrong", wrong, (batch,), np.int32)
+    check_array("softmax_xent", "prediction", prediction, (batch,), np.int32)
     if batch == 0:
         return
     kernel = device.kernel(STEP, "softmax_xent")
@@ -203,12 +192,12 @@ def gather_batch(device, images, labels, order, cursor, X, labels_out, batch: in
     X (batch, n_features), labels_out (batch,) int32."""
     n_samples, n_features = (int(s) for s in images.shape)
     batch = int(batch)
-    _check("gather_batch", "images", images, (n_samples, n_features))
-    _check("gather_batch", "labels", labels, (n_samples,), np.int32)
-    _check("gather_batch", "order", order, (n_samples,), np.int32)
-    _check("gather_batch", "cursor", cursor, 1, np.int32)
-    _check("gather_batch", "X", X, (batch, n_features))
-    _check("gather_batch", "labels_out", labels_out, (batch,), np.int32)
+    check_array("gather_batch", "images", images, (n_samples, n_features))
+    check_array("gather_batch", "labels", labels, (n_samples,), np.int32)
+    check_array("gather_batch", "order", order, (n_samples,), np.int32)
+    check_array("gather_batch", "cursor", cursor, 1, np.int32)
+    check_array("gather_batch", "X", X, (batch, n_features))
+    check_array("gather_batch", "labels_out", labels_out, (batch,), np.int32)
     if batch == 0:
         return
     kernel = device.kernel(STEP, "gather_batch")
@@ -222,11 +211,11 @@ def finish_step(device, loss, wrong, loss_total, wrong_total, cursor, batch: int
     loss (B,) float32, wrong (B,) int32, loss_total (1,) float64, wrong_total (1,) int32,
     cursor (1,) int32; batch defaults to B. Launch it last in a step."""
     batch = int(loss.shape[0]) if batch is None else int(batch)
-    _check("finish_step", "loss", loss, (batch,))
-    _check("finish_step", "wrong", wrong, (batch,), np.int32)
-    _check("finish_step", "loss_total", loss_total, 1, np.float64)
-    _check("finish_step", "wrong_total", wrong_total, 1, np.int32)
-    _check("finish_step", "cursor", cursor, 1, np.int32)
+    check_array("finish_step", "loss", loss, (batch,))
+    check_array("finish_step", "wrong", wrong, (batch,), np.int32)
+    check_array("finish_step", "loss_total", loss_total, 1, np.float64)
+    check_array("finish_step", "wrong_total", wrong_total, 1, np.int32)
+    check_array("finish_step", "cursor", cursor, 1, np.int32)
     kernel = device.kernel(STEP, "finish_step")
     device.launch(kernel, (1,), (1,), (loss, wrong, loss_total, wrong_total, cursor, np.int32(batch)))
 
