@@ -81,6 +81,25 @@ __device__ __forceinline__ void gemm_tile(const float* __restrict__ A, int lda,
     }
 }
 
+// Hands each element of this thread's 4 x 4 block of C that lies inside the M x N matrix to
+// store(m, n, value): the kernels differ only in what they do with a finished product.
+template <typename Store>
+__device__ __forceinline__ void for_each_result(const float (&acc)[THREAD_M][THREAD_N], int m0, int n0,
+                                                int M, int N, Store store)
+{
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < THREAD_M; ++i) {
+        const int m = m0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < THREAD_N; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (m < M && n < N)
+                store(m, n, acc[i][j]);
+        }
+    }
+}
+
 // layer_forward_gemm: Y (B, n_out) = act(X (B, n_in) W^T + b); activate != 0: scaled tanh.
 //   X (B, n_in), W (n_out, n_in), b (n_out,). Both operands have K = n_in contiguous.
 //   Grid (ceil(n_out / 64), ceil(B / 64)), block 256. Used for training minibatches and for
@@ -96,19 +115,10 @@ extern "C" __global__ void layer_forward_gemm(const float* __restrict__ X,
     float acc[THREAD_M][THREAD_N];
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
     gemm_tile<true, true>(X, n_in, W, n_in, batch, n_out, n_in, m0, n0, As, Bs, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < THREAD_M; ++i) {
-        const int m = m0 + ty + 16 * i;
-#pragma unroll
-        for (int j = 0; j < THREAD_N; ++j) {
-            const int n = n0 + tx + 16 * j;
-            if (m < batch && n < n_out) {
-                const float a = __fadd_rn(acc[i][j], b[n]);
-                Y[(size_t)m * n_out + n] = activate ? scaled_tanh(a) : a;
-            }
-        }
-    }
+    for_each_result(acc, m0, n0, batch, n_out, [&](int m, int n, float product) {
+        const float a = __fadd_rn(product, b[n]);
+        Y[(size_t)m * n_out + n] = activate ? scaled_tanh(a) : a;
+    });
 }
 
 // backprop_delta_gemm: delta_in (B, n_in) = (delta_out (B, n_out) W) * f'(y_in).
@@ -127,19 +137,10 @@ extern "C" __global__ void backprop_delta_gemm(const float* __restrict__ delta_o
     float acc[THREAD_M][THREAD_N];
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
     gemm_tile<true, false>(delta_out, n_out, W, n_in, batch, n_in, n_out, m0, n0, As, Bs, acc);
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < THREAD_M; ++i) {
-        const int m = m0 + ty + 16 * i;
-#pragma unroll
-        for (int j = 0; j < THREAD_N; ++j) {
-            const int n = n0 + tx + 16 * j;
-            if (m < batch && n < n_in) {
-                const size_t idx = (size_t)m * n_in + n;
-                delta_in[idx] = __fmul_rn(acc[i][j], scaled_tanh_derivative(y_in[idx]));
-            }
-        }
-    }
+    for_each_result(acc, m0, n0, batch, n_in, [&](int m, int n, float product) {
+        const size_t idx = (size_t)m * n_in + n;
+        delta_in[idx] = __fmul_rn(product, scaled_tanh_derivative(y_in[idx]));
+    });
 }
 
 // sgd_update_gemm: one SGD step on the batch-mean gradient, in place.
@@ -166,20 +167,10 @@ extern "C" __global__ void sgd_update_gemm(const float* __restrict__ delta_out,
     gemm_tile<false, false>(delta_out, n_out, X, n_in, n_out, n_in, batch, m0, n0, As, Bs, acc);
     const bool use_momentum = momentum != 0.0f;
     const float scale = (float)batch;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < THREAD_M; ++i) {
-        const int m = m0 + ty + 16 * i;
-#pragma unroll
-        for (int j = 0; j < THREAD_N; ++j) {
-            const int n = n0 + tx + 16 * j;
-            if (m < n_out && n < n_in) {
-                const size_t idx = (size_t)m * n_in + n;
-                const float step = __fmul_rn(lr, __fdiv_rn(acc[i][j], scale));
-                sgd_step(W + idx, vW + idx, step, momentum, use_momentum);
-            }
-        }
-    }
+    for_each_result(acc, m0, n0, n_out, n_in, [&](int m, int n, float product) {
+        const size_t idx = (size_t)m * n_in + n;
+        sgd_step(W + idx, vW + idx, __fmul_rn(lr, __fdiv_rn(product, scale)), momentum, use_momentum);
+    });
     const int m = m0 + threadIdx.x;
     if (blockIdx.x == 0 && threadIdx.x < TILE_M && m < n_out) {
         float sum = 0.0f;
