@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from gpumlp import nets
-from gpumlp.commands import EXIT_USAGE, OneLineErrorParser
-from gpumlp.errors import UserError, is_user_error
+from gpumlp.commands import OneLineErrorParser, run_command
+from gpumlp.errors import UserError
 from gpumlp.reference import TANH_A, TANH_B
 from gpumlp.training import epoch_order
 
@@ -445,13 +445,7 @@ def target_note(args, device_kind: str, gpu_name: str | None, results: list[Resu
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv)
-    except Exception as error:  # every expected failure arrives here as one line
-        if not is_user_error(error):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(lambda: run(args, argv))
 
 
 def run(args, argv) -> int:

@@ -32,9 +32,9 @@ from gpumlp.device import KERNEL_DIR, CudaDevice, Device, Graph, check_kernel_ar
 from gpumlp.gpu_limits import (A100, ARCH_LIMITS, GTX_280, H100, ArchLimits, Peak, arch_limits, arch_number,
                                fp32_lanes_per_sm, known_peak, theoretical_occupancy)
 from gpumlp.kernel_costs import BYTES_PER_WEIGHT_ONLINE, bound_seconds, launch_cost, online_bytes_per_image
+from gpumlp.results import PAPER_EPOCHS, paper_net_id
 
 MNIST_TRAIN_IMAGES = 60_000
-PAPER_EPOCHS = 800
 DEFAULT_ARCH = "sm_90"
 
 
@@ -524,13 +524,6 @@ def render(report: dict) -> str:
         lines.append("no cost model yet for: " + ", ".join(report["missing_cost_models"])
                      + " (add one to gpumlp/profile.py)")
     return "\n".join(lines)
-
-
-def paper_net_id(sizes) -> int | None:
-    for net, hidden in nets.PAPER_NETS.items():
-        if list(sizes) == nets.layer_sizes(hidden):
-            return net
-    return None
 
 
 def paper_table() -> str:
