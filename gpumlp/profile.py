@@ -32,7 +32,7 @@ from gpumlp.device import KERNEL_DIR, CudaDevice, Device, Graph, check_kernel_ar
 from gpumlp.gpu_limits import (A100, ARCH_LIMITS, GTX_280, H100, ArchLimits, Peak, arch_limits, arch_number,
                                fp32_lanes_per_sm, known_peak, theoretical_occupancy)
 from gpumlp.kernel_costs import BYTES_PER_WEIGHT_ONLINE, bound_seconds, launch_cost, online_bytes_per_image
-from gpumlp.results import PAPER_EPOCHS, paper_net_id
+from gpumlp.results import PAPER_EPOCHS, paper_net_id, plural
 
 MNIST_TRAIN_IMAGES = 60_000
 DEFAULT_ARCH = "sm_90"
@@ -451,10 +451,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
-
-
 def render(report: dict) -> str:
     timed = report["device"] is not None
     sizes = report["sizes"]
@@ -494,11 +490,11 @@ def render(report: dict) -> str:
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     t, s, B = report["totals"], report["summary"], report["batch_size"]
     lines.append("")
-    lines.append(f"step ({_plural(t['step']['launches'], 'launch', 'launches')}, {_plural(B, 'image')}): "
+    lines.append(f"step ({plural(t['step']['launches'], 'launch', 'launches')}, {plural(B, 'image')}): "
                  f"{t['step']['bytes'] / 1e6:.3f} MB, {t['step']['flops'] / 1e6:.3f} MFLOP"
                  + (f", {t['step']['time_us']:.1f} us in kernels" if "time_us" in t["step"] else ""))
-    lines.append(f"epoch kernels ({_plural(t['epoch']['launches'], 'launch', 'launches')} for "
-                 f"{_plural(report['epoch_images'], 'image')}): "
+    lines.append(f"epoch kernels ({plural(t['epoch']['launches'], 'launch', 'launches')} for "
+                 f"{plural(report['epoch_images'], 'image')}): "
                  f"{t['epoch']['bytes'] / 1e6:.3f} MB, {t['epoch']['flops'] / 1e6:.3f} MFLOP"
                  + (f", {t['epoch']['time_us'] / 1e3:.2f} ms" if "time_us" in t["epoch"] else ""))
     lines.append(f"per image: {s['step_bytes_per_image'] / 1e6:.3f} MB in the step's kernels, "
@@ -643,8 +639,12 @@ def main(argv=None) -> int:
         return 0
     print(render(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as error:
+            print(f"error: cannot write --json {args.json}: {error.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 
