@@ -1,6 +1,8 @@
 """Committees, the paper's table, the ablation and the seed study, on tiny CPU runs of the
 synthetic set."""
 import json
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +35,10 @@ def one_error_line(capsys, code, fragment):
 
 def summary(run):
     return json.loads((Path(run) / "summary.json").read_text())
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- committee -------------------------------------------------------------------------------------
@@ -124,7 +130,62 @@ def test_ablation_trains_with_and_without_deformation_at_one_seed(synthetic_mnis
     assert studies.main(["ablation", "--out", str(out), *TINY, "--seed", "5"]) == 0   # a second call reuses
     assert capsys.readouterr().out.count("finished earlier, reused") == 2
     one_error_line(capsys, studies.main(["ablation", "--out", str(out), *TINY, "--seed", "6"]),
-                   "holds a run made with other flags")
+                   "holds a run made with other settings (seed 5, not 6)")
+
+
+def test_a_study_compares_settings_not_the_text_of_the_flags(synthetic_mnist, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    reordered = ["--lr=0.02", "--hidden=8", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
+                 "--checkpoint-every", "5"]     # where checkpoints go is not a setting of the result
+    assert studies.main(["seeds", "--seeds", "1", "--out", str(out), *reordered]) == 0
+    assert "finished earlier, reused" in capsys.readouterr().out
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY, "--hidden", "9"]),
+                   "other settings (hidden [8], not [9])")
+    (out / "seed_0" / "config.json").write_text("{}")
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]),
+                   "config.json records no settings")
+
+
+STUDY_ON_SYNTHETIC_DIGITS = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import make_synthetic_mnist
+import gpumlp.data
+data = make_synthetic_mnist(n_train=1000)
+gpumlp.data.load_mnist = lambda *args, **kwargs: data
+from gpumlp import studies
+sys.exit(studies.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_a_study_advises_rerunning_it_and_the_rerun_resumes(tmp_path):
+    script = tmp_path / "study.py"
+    script.write_text(STUDY_ON_SYNTHETIC_DIGITS)
+    out = tmp_path / "seeds"
+    command = [sys.executable, "-u", str(script), "seeds", "--seeds", "2", "--out", str(out), "--device", "cpu",
+               "--hidden", "50", "--epochs", "4", "--batch-size", "1", "--lr", "0.01", "--no-augment"]
+    study = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in study.stdout:                  # the first member has finished epoch 1 of 4
+        if re.match(r"\s+1\s", line):
+            break
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: the study keeps every finished run and the last "
+                                            f"saved epoch of {out / 'seed_0'}; run the same study command "
+                                            "again to continue it")
+    stopped_at = summary(out / "seed_0")["epochs_completed"]
+    assert 1 <= stopped_at < 4 and not (out / "seed_1").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{out / 'seed_0'}: unfinished, resuming" in rerun.stdout
+    for seed in (0, 1):
+        assert summary(out / f"seed_{seed}")["epochs_completed"] == 4
+        assert [r["epoch"] for r in metrics(out / f"seed_{seed}")] == [1, 2, 3, 4]
+    assert (out / "seeds.md").is_file()
 
 
 def test_seed_study_reports_mean_and_standard_deviation(synthetic_mnist, tmp_path):
