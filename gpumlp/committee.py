@@ -59,7 +59,7 @@ def check_same_test_set(members: list[Member]) -> None:
     first = members[0]
     for other in members[1:]:
         if len(other.labels) != len(first.labels):
-            difference = f"{len(other.labels)} test digits against {len(first.labels)}"
+            difference = f"{plural(len(other.labels), 'test digit')} against {len(first.labels):,}"
         elif not np.array_equal(other.labels, first.labels) or other.probs.shape != first.probs.shape:
             difference = "the same number of test digits but other labels"
         else:

@@ -394,14 +394,13 @@ def write_markdown(run: FinishedRun, wrong: np.ndarray, n_test: int, deformation
     name = f"net {net} of the paper, " if net is not None else ""
     deformation = ("digits deformed anew every epoch" if settings["augment"]
                    else "undeformed, --no-augment")
-    train_images = run.config.get("train_images")
-    train_images = "?" if train_images is None else f"{train_images:,}"
     text = f"""# Run report: {run.path.name}
 
 {name}{nets.describe(run.sizes)} ({nets.count_weights(run.sizes):,} weights); {s['epochs_completed']} of \
 {plural(s['epochs_planned'], 'epoch')}, batch size {settings['batch_size']}, learning rate {settings['lr']:g} \
 (x{settings['lr_decay']:g} per epoch, floor {settings['lr_min']:g}), momentum {settings['momentum']:g}, seed \
-{settings['seed']}; {train_images} training images ({deformation}), {plural(n_test, 'test image')}; trained on \
+{settings['seed']}; {plural(run.config.get('train_images'), 'training image')} ({deformation}), \
+{plural(n_test, 'test image')}; trained on \
 {s['device']}; code {run.config.get('code_version', '?')}. Run directory: `{run.path}`.
 
 {summary_table(run)}

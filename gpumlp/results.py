@@ -74,9 +74,10 @@ def percent(fraction) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.2f}"
 
 
-def plural(count: int, noun: str, plural_form: str | None = None) -> str:
-    """'1 epoch', '2 epochs', '10,000 test digits' (plural_form for nouns that do not take an s)."""
-    return f"{count:,} {noun if count == 1 else plural_form or noun + 's'}"
+def plural(count: int | None, noun: str, plural_form: str | None = None) -> str:
+    """'1 epoch', '2 epochs', '10,000 test digits', '? epochs' for an unknown count (plural_form for
+    nouns that do not take an s)."""
+    return f"{'?' if count is None else f'{count:,}'} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def duration(seconds: float) -> str:

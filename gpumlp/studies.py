@@ -111,7 +111,8 @@ RESULT_HEADER = ["test error at best validation [%]", "best test error [%]", "fi
 def describe_setting(run: FinishedRun) -> str:
     from gpumlp import nets
     s, settings = run.summary, run.settings
-    images = f"{run.config.get('train_images', '?')} training and {run.config.get('test_images', '?')} test images"
+    images = (f"{plural(run.config.get('train_images'), 'training image')} and "
+              f"{plural(run.config.get('test_images'), 'test image')}")
     return (f"net {nets.describe(run.sizes)}, {plural(s['epochs_completed'], 'epoch')}, batch size "
             f"{settings['batch_size']}, learning rate {settings['lr']:g}, momentum {settings['momentum']:g}, "
             f"{images}, on {s['device']}")

@@ -123,6 +123,7 @@ def test_a_one_epoch_report_speaks_in_the_singular(synthetic_mnist, tmp_path):
     assert results.plural(1, "misclassified test digit") == "1 misclassified test digit"
     assert results.plural(10000, "test digit") == "10,000 test digits"
     assert results.plural(2, "launch", "launches") == "2 launches"
+    assert results.plural(None, "training image") == "? training images"
 
 
 def test_summary_table_puts_the_paper_beside_a_paper_net(tmp_path):

@@ -87,6 +87,8 @@ def test_ablation_trains_with_and_without_deformation_at_one_seed(synthetic_mnis
 def test_a_study_compares_settings_not_the_text_of_the_flags(synthetic_mnist, tmp_path, capsys):
     out = tmp_path / "seeds"
     assert studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]) == 0
+    assert "## Seeds: 1 run differing only in the seed" in (out / "seeds.md").read_text()
+    assert "120 training images and 60 test images" in (out / "seeds.md").read_text()
     capsys.readouterr()
     reordered = ["--lr=0.02", "--hidden=8", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
                  "--checkpoint-every", "5"]     # where checkpoints go is not a setting of the result
