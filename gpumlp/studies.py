@@ -80,20 +80,28 @@ def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
         log(f"training: reproduce_2010.py {' '.join(flags)} --out {run_dir}")
         code = cli.main([*flags, "--out", str(run_dir)])
     if code == EXIT_INTERRUPTED:
-        print(f"interrupted: the study keeps every finished run and the last saved epoch of {run_dir}; "
-              "run the same study command again to continue it", file=sys.stderr)
+        advise_rerun(f", and {run_dir} up to its last saved epoch")
     if code != 0:
         raise TrainingFailed(code)
     return load_run(run_dir)
 
 
+def advise_rerun(kept: str = "") -> None:
+    print(f"interrupted: every finished run is kept{kept}; run the same command again to continue",
+          file=sys.stderr)
+
+
 def run_study(action) -> int:
-    """run_command, plus: a failed training run returns its own exit code (its error is printed)."""
+    """run_command, plus: a failed training run returns its own exit code (its error is printed),
+    and Ctrl-C between the runs says how to continue."""
     def guarded() -> int:
         try:
             return action()
         except TrainingFailed as failure:
             return failure.code
+        except KeyboardInterrupt:
+            advise_rerun()
+            return EXIT_INTERRUPTED
     return run_command(guarded)
 
 

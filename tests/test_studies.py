@@ -126,9 +126,8 @@ def test_ctrl_c_in_a_study_advises_rerunning_it_and_the_rerun_resumes(tmp_path):
     study.send_signal(signal.SIGINT)
     _, err = study.communicate(timeout=120)
     assert study.returncode == 130, err
-    assert err.strip().splitlines()[-1] == (f"interrupted: the study keeps every finished run and the last "
-                                            f"saved epoch of {out / 'seed_0'}; run the same study command "
-                                            "again to continue it")
+    assert err.strip().splitlines()[-1] == (f"interrupted: every finished run is kept, and {out / 'seed_0'} "
+                                            "up to its last saved epoch; run the same command again to continue")
     stopped_at = summary(out / "seed_0")["epochs_completed"]
     assert 1 <= stopped_at < 4 and not (out / "seed_1").exists()
 
@@ -152,6 +151,15 @@ def test_seed_study_reports_mean_and_standard_deviation(synthetic_mnist, tmp_pat
     mean_std = lambda values: (f"{100 * statistics.fmean(values):.2f} ± "         # noqa: E731
                                f"{100 * float(np.std(values, ddof=1)):.2f}")
     assert f"| **mean ± std of 3** | **{mean_std(errors)}** | **{mean_std(best)}** |" in table
+
+
+def test_ctrl_c_between_the_runs_of_a_study_advises_rerunning_it(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(studies, "train_run", interrupted)
+    assert studies.main(["seeds", "--seeds", "2", "--out", str(tmp_path), *TINY]) == 130
+    assert capsys.readouterr().err == ("interrupted: every finished run is kept; run the same command "
+                                       "again to continue\n")
 
 
 def test_studies_refuse_flags_they_set(tmp_path, capsys):
