@@ -48,7 +48,7 @@ def settings_of(flags: list[str]) -> dict:
 
 
 def differing_settings(recorded: dict, wanted: dict) -> list[str]:
-    """'name: recorded, not wanted' for every setting that changes what the run computes."""
+    """'name RECORDED, not WANTED' for every setting that changes what the run computes."""
     recorded = TrainConfig.from_dict(recorded).to_dict()   # a setting added since takes its default
     return [f"{name} {recorded[name]}, not {wanted[name]}" for name in wanted
             if name not in WHERE_SETTINGS and recorded[name] != wanted[name]]
@@ -60,7 +60,8 @@ def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
     run_dir = Path(run_dir)
     wanted = settings_of([*flags, "--out", str(run_dir)])
     if (run_dir / "config.json").is_file():
-        recorded = RunDir(run_dir).load_config().get("settings")
+        config = RunDir(run_dir).load_config()
+        recorded = config.get("settings") if isinstance(config, dict) else None
         if not isinstance(recorded, dict):
             raise UserError(f"{run_dir}/config.json records no settings: not a run this study made; "
                             "choose another --out")
