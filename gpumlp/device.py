@@ -257,11 +257,11 @@ class CudaDevice(Device):
         return device_array
 
     def zeros(self, shape, dtype=np.float32):
-        with self.stream, gpu_setup_errors(f"no room for a {shape} {np.dtype(dtype).name} array on {self.name}"):
+        with self.stream, gpu_setup_errors(f"a {shape} {np.dtype(dtype).name} array could not be allocated on {self.name}"):
             return self.cupy.zeros(shape, dtype=dtype)
 
     def empty(self, shape, dtype=np.float32):
-        with self.stream, gpu_setup_errors(f"no room for a {shape} {np.dtype(dtype).name} array on {self.name}"):
+        with self.stream, gpu_setup_errors(f"a {shape} {np.dtype(dtype).name} array could not be allocated on {self.name}"):
             return self.cupy.empty(shape, dtype=dtype)
 
     def to_host(self, array) -> np.ndarray:
@@ -300,12 +300,16 @@ class GpuSetupError(UserError):
 
 @contextmanager
 def gpu_setup_errors(what: str):
-    """Turns any CuPy/CUDA error raised inside into a GpuSetupError saying `what` failed and why."""
+    """Turns a CuPy/CUDA error raised inside (CuPy's own exception classes, and the RuntimeError,
+    MemoryError, OSError or ImportError that CUDA, NVRTC and library loading raise) into a
+    GpuSetupError saying `what` failed and why. Anything else is a bug and stays a traceback."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as error:
+        from_cupy = type(error).__module__.split(".")[0] in ("cupy", "cupy_backends")
+        if isinstance(error, UserError) or not (from_cupy or isinstance(error, (RuntimeError, MemoryError, OSError,
+                                                                                ImportError))):
+            raise
         raise GpuSetupError(f"{what}: {type(error).__name__}: {error}") from error
 
 

@@ -294,7 +294,8 @@ def test_a_kernel_that_does_not_compile_is_a_setup_error_naming_the_file(fake_cu
 def test_an_allocation_that_fails_is_a_setup_error(fake_cupy):
     device = CudaDevice()
     fake_cupy.empty = raises(MemoryError("Out of memory allocating 4,000,000,000 bytes"))
-    with pytest.raises(GpuSetupError, match=r"^no room for a \(1000, 1000000\) float32 array on NVIDIA H100"):
+    with pytest.raises(GpuSetupError, match=r"^a \(1000, 1000000\) float32 array could not be allocated on NVIDIA H100: "
+                                            r"MemoryError: Out of memory"):
         device.empty((1000, 1_000_000))
 
 
@@ -310,8 +311,18 @@ def test_uploads_copy_into_a_device_allocation_on_the_stream(fake_cupy):
     assert uploaded.dtype == np.float32
 
 
-def test_gpu_setup_errors_leave_user_errors_alone():
+def test_gpu_setup_errors_leave_user_errors_and_bugs_alone():
     with pytest.raises(UserError, match="^bad flag$") as caught:
         with device_module.gpu_setup_errors("never shown"):
             raise UserError("bad flag")
     assert type(caught.value) is UserError
+    with pytest.raises(TypeError, match="^a bug$"):  # a traceback, not an `error:` line that hides it
+        with device_module.gpu_setup_errors("never shown"):
+            raise TypeError("a bug")
+
+
+def test_a_cupy_exception_class_is_a_setup_error():
+    compiler = pytest.importorskip("cupy.cuda.compiler")
+    with pytest.raises(GpuSetupError, match=r"^loading: CompileException: "):
+        with device_module.gpu_setup_errors("loading"):
+            raise compiler.CompileException("error: identifier undeclared", "source", "name", (), "nvrtc")
