@@ -33,21 +33,31 @@ COMPILE_TESTS = ("tests/test_compile_gate.py",
                  "tests/test_install.py::test_nvrtc_and_cuda_headers_come_from_wheels")
 SMALL_RUN = ("--device", "emulate", "--hidden", "16", "--train-images", "64", "--test-images", "64",
              "--epochs", "1")
-# What a checkout holds that a wheel must not be built from.
-NOT_SOURCES = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "runs", "*.egg-info", "__pycache__",
-                                     ".pytest_cache")
 
 
 # -- the wheel ---------------------------------------------------------------------------------------
 
+def copy_sources(destination: Path) -> None:
+    """The files of this working tree that git does not ignore (tracked or new), as a clone would
+    have them: no virtual environment, no build/ left over from an earlier build, no data."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    for name in filter(None, listed.stdout.split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted in the working tree is left out
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    """A wheel built from a copy of this working tree (so nothing stale in build/ gets in), by the
-    build backend of pyproject.toml, without build isolation (no network)."""
+    """A wheel built from a copy of this working tree, by the build backend of pyproject.toml,
+    without build isolation (no network)."""
     pytest.importorskip("setuptools", minversion="77")
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
+    copy_sources(source)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                              "--wheel-dir", str(tmp / "dist"), str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
