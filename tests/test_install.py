@@ -12,6 +12,7 @@ GPUMLP_CUDA12_PYTHON (skipped when unset; making one takes minutes, too slow for
     GPUMLP_CUDA12_PYTHON=/tmp/gpumlp-cuda12/bin/python python -m pytest -q tests/test_install.py
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_compile_tests_pass_with_the_system_cuda_toolkit_hidden(extra, tmp_path)
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "CUDA_HOME", "PYTHONPATH")}
     env[HIDDEN_ENV] = os.pathsep.join(map(str, hidden))
-    mounts = " && ".join(f"mount --bind '{empty}' '{d}'" for d in hidden)
+    mounts = " && ".join(f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(d))}" for d in hidden)
     result = subprocess.run(
         [*unshare, "sh", "-c", f'{mounts} && exec "$@"', "sh", python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "-rs", *COMPILE_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -190,9 +190,15 @@ def test_an_architecture_nvrtc_no_longer_compiles_for_is_refused(fake_cupy):
     fake_cupy.cuda.runtime.getDeviceProperties = lambda i: {"name": "Tesla V100", "major": 7, "minor": 0}
     probe = probe_gpu()
     assert not probe.ok
-    assert probe.why.startswith("Tesla V100 (sm_70) is not among the architectures NVRTC 13.5 compiles for "
-                                "(sm_75 to sm_121)")
-    assert "gpumlp[cuda12]" in probe.why
+    assert probe.why == ("Tesla V100 (sm_70) is not among the architectures NVRTC 13.5 compiles for (sm_75 to "
+                         "sm_121): pip uninstall cupy-cuda13x && pip install 'gpumlp[cuda12]' (NVRTC 12 compiles "
+                         "for sm_50 and newer)")
+    fake_cupy.cuda.runtime.getDeviceProperties = lambda i: {"name": "Tesla K80", "major": 3, "minor": 7}
+    fake_cupy.cuda.runtime.runtimeGetVersion = lambda: 12090
+    fake_cupy.cuda.nvrtc.getVersion = lambda: (12, 9)
+    fake_cupy.cuda.nvrtc.getSupportedArchs = lambda: (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90)
+    assert probe_gpu().why == ("Tesla K80 (sm_37) is not among the architectures NVRTC 12.9 compiles for "
+                               "(sm_50 to sm_90)")
 
 
 def test_an_architecture_newer_than_nvrtc_knows_goes_on_to_the_test_kernel(fake_cupy):
