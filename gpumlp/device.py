@@ -379,16 +379,17 @@ def probe_gpu(device_id: int = 0) -> GpuProbe:
     try:
         nvrtc_version = "{}.{}".format(*cupy.cuda.nvrtc.getVersion())
         archs = sorted(cupy.cuda.nvrtc.getSupportedArchs())
+        oldest, newest = archs[0], archs[-1]
     except Exception as error:
         return GpuProbe(False, f"NVRTC could not be loaded ({type(error).__name__}: {error}): "
                                f"{toolkit_wheels_command(cuda_major)}")
     gpu = f"{name} (sm_{arch})"
     # Newer than NVRTC's newest: CuPy compiles PTX for that one and the driver translates it.
-    if arch not in archs and arch < archs[-1]:
+    if arch not in archs and arch < newest:
         way_out = (f": pip uninstall cupy-cuda{cuda_major}x && pip install 'gpumlp[cuda12]' (NVRTC 12 "
                    f"compiles for sm_50 and newer)" if cuda_major >= 13 and arch >= 50 else "")
         return GpuProbe(False, f"{gpu} is not among the architectures NVRTC {nvrtc_version} compiles for "
-                               f"(sm_{archs[0]} to sm_{archs[-1]}){way_out}")
+                               f"(sm_{oldest} to sm_{newest}){way_out}")
     try:
         with cupy.cuda.Device(device_id):
             stream = cupy.cuda.Stream(non_blocking=True)
