@@ -72,19 +72,19 @@ def config_from_args(args) -> TrainConfig:
 
 def choose_device(requested: str, log):
     """Returns a gpumlp.device.Device, or None for the numpy reference."""
-    from gpumlp.device import CudaDevice, EmulatedDevice, gpu_unavailable_reason
+    from gpumlp.device import CudaDevice, EmulatedDevice, probe_gpu
     from gpumlp.errors import UserError
     if requested == "cpu":
         return None
     if requested == "emulate":
         return EmulatedDevice()
-    why_not = gpu_unavailable_reason()
-    if why_not is None:
+    probe = probe_gpu()
+    if probe.ok:
+        log(f"GPU: {probe.description}")
         return CudaDevice()
     if requested == "cuda":
-        raise UserError(f"--device cuda: no CUDA GPU is usable: {why_not}")
-    log(f"no GPU found ({why_not}): training with the numpy reference on the CPU instead "
-        f"(--device cpu); for the GPU run install gpumlp[cuda13] (or [cuda12]) on a machine with an NVIDIA GPU")
+        raise UserError(f"--device cuda: no usable CUDA GPU: {probe.why}")
+    log(f"no usable CUDA GPU ({probe.why}): training with the numpy reference on the CPU instead (--device cpu)")
     return None
 
 
