@@ -352,9 +352,9 @@ def time_launches(device, trainer, launches, rows: list[Row], info: GpuInfo, tim
 
 def time_graph(trainer, workload: Workload, steps: int, timer: Timer) -> dict:
     """`steps` whole steps captured by the trainer itself (capture_steps -> launch_step) and
-    replayed as one CUDA graph: the time per image as training sees it, L2 warm."""
-    lr = np.float32(1e-3)
-    graph = trainer.capture_steps(steps, workload.batch_size, lr)
+    replayed as one CUDA graph: the time per image as training sees it, L2 warm (with the lr
+    record_epoch left in the trainer's device memory)."""
+    graph = trainer.capture_steps(steps, workload.batch_size)
     replay_us = timer.median_us(graph.replay, before=lambda: trainer.cursor.fill(0), flush=False)
     images = steps * workload.batch_size
     return {"steps": steps, "images": images, "replay_us": replay_us, "per_image_us": replay_us / images}
