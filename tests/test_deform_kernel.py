@@ -17,9 +17,10 @@ from gpumlp import ops_deform
 from gpumlp.deform import PIXELS, DeformConfig, deform_images_ref
 from gpumlp.device import KERNEL_DIR, EmulatedDevice
 from gpumlp.philox import philox_fill_ref
+from gpumlp.tolerances import DEFORM
 from helpers import assert_bitwise_equal, assert_close, synthetic_digits
 
-ATOL, RTOL = 1e-4, 0.0
+ATOL, RTOL = DEFORM["atol"], DEFORM["rtol"]   # gpumlp/tolerances.py, shared with gpumlp.selfcheck
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),

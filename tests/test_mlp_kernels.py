@@ -1,7 +1,8 @@
 """The network kernels (cuda_kernels/mlp_online.cu, mlp_batch.cu, train_step.cu) against the numpy
 reference, run by the CPU emulator, plus an NVRTC compile check (sm_75, sm_90, no spills).
 
-Tolerances (|actual - ref| <= atol + rtol |ref|), and why:
+Tolerances (|actual - ref| <= atol + rtol |ref|; the values live in gpumlp/tolerances.py, which
+the self-check uses too), and why:
   * Dot products (layer_forward_*: the pre-activation; backprop_delta_* / backward_reduce: the
     delta_out W product; backward_update_partial: the per-chunk partials): float32 sums of up to
     n_in (n_out) terms in another order than numpy's BLAS (and the kernels use fmaf, one rounding
@@ -33,12 +34,7 @@ from gpumlp.device import KERNEL_DIR, EmulatedDevice
 from helpers import assert_bitwise_equal
 from helpers import assert_close as _assert_close
 
-FORWARD = dict(atol=2e-5, rtol=1e-5)
-BACKPROP = dict(atol=1e-6, rtol=1e-5)
-SOFTMAX = dict(atol=1e-6, rtol=1e-5)
-UPDATE = dict(atol=1e-7, rtol=1e-6)
-STEP = dict(atol=1e-6, rtol=1e-5)
-LOSS = dict(atol=1e-5, rtol=1e-5)
+from gpumlp.tolerances import BACKPROP, FORWARD, LOSS, SOFTMAX, STEP, UPDATE  # shared with gpumlp.selfcheck
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
