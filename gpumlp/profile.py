@@ -166,6 +166,7 @@ def record_epoch(device, workload: Workload, lr: float = 1e-3):
     trainer = DeviceTrainer(device, params, split, config, log=lambda line: print(line, file=sys.stderr))
     with device.recording() as launches:
         trainer.train_epoch(1, lr, np.arange(n, dtype=np.int32))
+    trainer.graphs.clear()   # what the recorder "captured" replays nothing: never reuse it
     if device.captures != 1:
         raise RuntimeError(f"the trainer captured {device.captures} graphs for an epoch of {n} images "
                            f"at batch size {workload.batch_size}; the profiler expects exactly one step")

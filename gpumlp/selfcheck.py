@@ -123,9 +123,8 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     dev = [ch.up(a) for a in (W, b, vW, vb)]
     chunks = ops_mlp.partial_rows(s.n_out)
     partial, delta_in = ch.unwritten(chunks * s.n_in), ch.unwritten(s.n_in)
-    x_dev = ch.up(x)
-    ops_mlp.backward_update_partial(d, dev[0], dev[1], ch.up(delta_out), x_dev, partial,
-                                    ops_mlp.Hyperparameters(d, LR, MOMENTUM), dev[2], dev[3])
+    x_dev, hyper = ch.up(x), ops_mlp.Hyperparameters(d, LR, MOMENTUM)
+    ops_mlp.backward_update_partial(d, dev[0], dev[1], ch.up(delta_out), x_dev, partial, hyper, dev[2], dev[3])
     ops_mlp.backward_reduce(d, partial, x_dev, delta_in, s.n_out)
     ref = [a.copy() for a in (W, b, vW, vb)]
     ref_partial = R.backward_update_partial_ref(*ref[:2], delta_out, x, LR, MOMENTUM, *ref[2:],
@@ -154,8 +153,8 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
 
     vW, vb = _uniform(rng, W.shape, 1e-3), _uniform(rng, b.shape, 1e-3)
     dev = [ch.up(a) for a in (W, b, vW, vb)]
-    ops_mlp.sgd_update_gemm(d, dev[0], dev[1], ch.up(delta_out), ch.up(y_in),
-                            ops_mlp.Hyperparameters(d, LR, MOMENTUM), dev[2], dev[3])
+    hyper = ops_mlp.Hyperparameters(d, LR, MOMENTUM)
+    ops_mlp.sgd_update_gemm(d, dev[0], dev[1], ch.up(delta_out), ch.up(y_in), hyper, dev[2], dev[3])
     ref = [a.copy() for a in (W, b, vW, vb)]
     R.sgd_update_ref(ref[0], ref[1], delta_out, y_in, LR, MOMENTUM, ref[2], ref[3])
     ch.close("sgd_update_gemm", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref), UPDATE)

@@ -1,7 +1,6 @@
 """The GPU training path end to end on the CPU emulator (`--device emulate`): the same kernels,
 launch sequence and graph structure as on a GPU, checked against the numpy reference path."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
