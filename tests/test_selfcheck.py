@@ -11,7 +11,7 @@ import pytest
 
 from gpumlp import cli, selfcheck
 from gpumlp import device as device_module
-from gpumlp.device import KERNEL_DIR, EmulatedDevice
+from gpumlp.device import KERNEL_DIR, CudaDevice, EmulatedDevice, gpu_available, gpu_unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 TANH_A = "#define TANH_A 0x1.b74538p+0f"
@@ -93,3 +93,10 @@ def test_reproduce_runs_the_quick_check_on_a_gpu_unless_skipped(synthetic_mnist,
     assert cli.main([*base, "--skip-selfcheck"]) == 130 and len(calls) == 1
     monkeypatch.setattr(cli, "choose_device", lambda requested, log: EmulatedDevice())
     assert cli.main(base) == 130 and len(calls) == 1   # --device emulate: nothing to check
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason=f"needs an NVIDIA GPU: {gpu_unavailable_reason()}")
+def test_selfcheck_passes_on_the_gpu():
+    checks = selfcheck.run_checks(CudaDevice(), paper=True)
+    assert not selfcheck.failed_kernels(checks), selfcheck.table(checks)

@@ -64,28 +64,31 @@ def test_graph_chunking_does_not_change_the_result(data256, tmp_path):
     assert summary(a)["weights_sha256"] == summary(b)["weights_sha256"]
 
 
-def test_each_graph_is_captured_once_per_run(data256, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["emulate", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs an NVIDIA GPU with CuPy")])])
+def test_each_graph_is_captured_once_per_run(data256, tmp_path, monkeypatch, device):
     """3 epochs of 250 images at batch 8 with 10 steps per graph: 31 full steps (3 replays of a
     10-step graph, a 1-step remainder) and a tail of 2 images, i.e. 3 distinct graphs, captured in
     epoch 1 and only replayed after. The learning rate halves every epoch and is read from device
     memory at replay: the per-epoch losses still follow the CPU trainer's."""
-    from gpumlp.device import EmulatedDevice
+    from gpumlp.device import CudaDevice, EmulatedDevice
+    device_class = EmulatedDevice if device == "emulate" else CudaDevice
     captured = []
-    real_capture = EmulatedDevice.capture
+    real_capture = device_class.capture
 
     def counting_capture(device):
         captured.append(device)
         return real_capture(device)
 
-    monkeypatch.setattr(EmulatedDevice, "capture", counting_capture)
+    monkeypatch.setattr(device_class, "capture", counting_capture)
     args = ["--epochs", "3", "--train-images", "250", "--batch-size", "8", "--graph-steps", "10",
-            "--lr", "0.02", "--lr-decay", "0.5"]
-    emulated = train(tmp_path / "emu", *args)
+            "--lr", "0.02", "--lr-decay", "0.5", *(["--skip-selfcheck"] if device == "cuda" else [])]
+    on_device = train(tmp_path / "device", *args, device=device)
     assert len(captured) == 3
     reference = train(tmp_path / "cpu", *args, device="cpu")
-    emulated_metrics, reference_metrics = emulated.read_metrics(), reference.read_metrics()
-    assert [m["lr"] for m in emulated_metrics] == pytest.approx([0.02, 0.01, 0.005])
-    for e, r in zip(emulated_metrics, reference_metrics, strict=True):
+    device_metrics, reference_metrics = on_device.read_metrics(), reference.read_metrics()
+    assert [m["lr"] for m in device_metrics] == pytest.approx([0.02, 0.01, 0.005])
+    for e, r in zip(device_metrics, reference_metrics, strict=True):
         assert e["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4), (e, r)
         assert e["train_error"] == r["train_error"]
 
