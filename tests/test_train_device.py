@@ -93,6 +93,23 @@ def test_each_graph_is_captured_once_per_run(data256, tmp_path, monkeypatch, dev
         assert e["train_error"] == r["train_error"]
 
 
+def test_the_bench_captures_before_its_timed_passes(monkeypatch):
+    """gpumlp.bench's gpumlp rows (GpumlpCuda, here on the emulator) capture their graph when built,
+    as its PyTorch-graph rows do, so no timed pass includes a capture."""
+    from gpumlp import bench, nets
+    from gpumlp.device import EmulatedDevice
+    captured = []
+    real_capture = EmulatedDevice.capture
+    monkeypatch.setattr(EmulatedDevice, "capture", lambda device: captured.append(device) or real_capture(device))
+    images, labels = bench.synthetic_images(10, seed=0)
+    workload = bench.Workload(nets.layer_sizes([16]), images, labels, "synthetic", lr=0.01, seed=0, repeats=2)
+    on_device = bench.GpumlpCuda(workload, 4, EmulatedDevice())   # a pass: 2 steps of 4 images
+    assert len(captured) == 1
+    for pass_index in range(3):
+        on_device.run_pass(workload.order(pass_index, 4))
+    assert len(captured) == 1
+
+
 def test_emulate_writes_the_run_directory(data256, tmp_path, capsys):
     run = train(tmp_path / "run")
     out = capsys.readouterr().out
