@@ -69,6 +69,13 @@ def test_quick_check_raises_naming_the_kernel(altered_kernels, monkeypatch):
         selfcheck.quick_check(EmulatedDevice(), logged.append)
 
 
+@pytest.mark.skipif(gpu_available(), reason="a GPU is usable here")
+def test_selfcheck_on_cuda_without_a_gpu_is_one_error_line(capsys):
+    assert selfcheck.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda: no CUDA GPU is usable") and "\n" not in err
+
+
 class PretendGpu(EmulatedDevice):
     """What reproduce_2010.py sees as a GPU (the self-check then runs on the emulator)."""
     is_emulated = False
