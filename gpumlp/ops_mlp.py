@@ -101,8 +101,9 @@ def backward_update_partial(device, W, b, delta_out, x, partial, hyper: Hyperpar
                             velocity_W=None, velocity_b=None, want_partial: bool = True) -> None:
     """One pass over W: partial[c] = delta_out[chunk c] @ W_old[chunk c] (if want_partial), and
     W, b (and velocities) take the SGD step for the sample with hyper's lr and momentum.
-    W (n_out, n_in), b (n_out,), delta_out (n_out,) or (1, n_out), x (n_in,) or (1, n_in) the layer's input, partial: at
-    least partial_elements(n_out, n_in) floats (only the first are written, as (chunks, n_in))."""
+    W (n_out, n_in), b (n_out,), delta_out (n_out,) or (1, n_out), x (n_in,) or (1, n_in) the
+    layer's input, partial: at least partial_elements(n_out, n_in) floats (only the first are
+    written, as (chunks, n_in))."""
     name = "backward_update_partial"
     n_out, n_in = (int(s) for s in W.shape)
     check_array(name, "W", W, (n_out, n_in))

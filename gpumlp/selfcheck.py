@@ -287,7 +287,8 @@ def table(checks: list[Check]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     for c in checks:
         if not c.ok:
-            detail = c.result.mismatch or f"{c.result.bad} of {c.result.size} elements out of bounds; {c.result.worst}"
+            r = c.result
+            detail = r.mismatch or f"{r.bad} of {r.size} elements out of bounds; {r.worst}"
             lines.append(f"  {c.kernel} ({c.shape}): {detail}")
     return "\n".join(lines)
 
