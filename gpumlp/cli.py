@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "emulate: the GPU code path on the CPU emulator (slow; for testing)")
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
+    run.add_argument("--skip-selfcheck", action="store_true",
+                     help="on a GPU, train without first checking the kernels against the reference "
+                          "(the quick part of python -m gpumlp.selfcheck, a few seconds)")
     run.add_argument("--out", help="run directory (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint "
                      "(its settings are kept; --epochs may extend it)")
@@ -115,6 +118,9 @@ def run(args, argv, log) -> int:
         run_dir = RunDir(config.out or default_run_dir())
 
     device = choose_device(config.device, log)
+    if device is not None and not device.is_emulated and not args.skip_selfcheck:
+        from gpumlp.selfcheck import quick_check
+        quick_check(device, log)
     mnist = load_mnist(config.data_dir)
     split = make_split(mnist, config)
     trainer = make_trainer(config, split, device, log)

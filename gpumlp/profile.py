@@ -166,6 +166,7 @@ def record_epoch(device, workload: Workload, lr: float = 1e-3):
     trainer = DeviceTrainer(device, params, split, config, log=lambda line: print(line, file=sys.stderr))
     with device.recording() as launches:
         trainer.train_epoch(1, lr, np.arange(n, dtype=np.int32))
+    trainer.graphs.clear()   # what the recorder "captured" replays nothing: never reuse it
     if device.captures != 1:
         raise RuntimeError(f"the trainer captured {device.captures} graphs for an epoch of {n} images "
                            f"at batch size {workload.batch_size}; the profiler expects exactly one step")
@@ -352,9 +353,9 @@ def time_launches(device, trainer, launches, rows: list[Row], info: GpuInfo, tim
 
 def time_graph(trainer, workload: Workload, steps: int, timer: Timer) -> dict:
     """`steps` whole steps captured by the trainer itself (capture_steps -> launch_step) and
-    replayed as one CUDA graph: the time per image as training sees it, L2 warm."""
-    lr = np.float32(1e-3)
-    graph = trainer.capture_steps(steps, workload.batch_size, lr)
+    replayed as one CUDA graph: the time per image as training sees it, L2 warm (with the lr
+    record_epoch left in the trainer's device memory)."""
+    graph = trainer.capture_steps(steps, workload.batch_size)
     replay_us = timer.median_us(graph.replay, before=lambda: trainer.cursor.fill(0), flush=False)
     images = steps * workload.batch_size
     return {"steps": steps, "images": images, "replay_us": replay_us, "per_image_us": replay_us / images}

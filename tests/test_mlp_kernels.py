@@ -1,7 +1,8 @@
 """The network kernels (cuda_kernels/mlp_online.cu, mlp_batch.cu, train_step.cu) against the numpy
 reference, run by the CPU emulator, plus an NVRTC compile check (sm_75, sm_90, no spills).
 
-Tolerances (|actual - ref| <= atol + rtol |ref|), and why:
+Tolerances (|actual - ref| <= atol + rtol |ref|; the values live in gpumlp/tolerances.py, which
+the self-check uses too), and why:
   * Dot products (layer_forward_*: the pre-activation; backprop_delta_* / backward_reduce: the
     delta_out W product; backward_update_partial: the per-chunk partials): float32 sums of up to
     n_in (n_out) terms in another order than numpy's BLAS (and the kernels use fmaf, one rounding
@@ -33,12 +34,7 @@ from gpumlp.device import KERNEL_DIR, EmulatedDevice
 from helpers import assert_bitwise_equal
 from helpers import assert_close as _assert_close
 
-FORWARD = dict(atol=2e-5, rtol=1e-5)
-BACKPROP = dict(atol=1e-6, rtol=1e-5)
-SOFTMAX = dict(atol=1e-6, rtol=1e-5)
-UPDATE = dict(atol=1e-7, rtol=1e-6)
-STEP = dict(atol=1e-6, rtol=1e-5)
-LOSS = dict(atol=1e-5, rtol=1e-5)
+from gpumlp.tolerances import BACKPROP, FORWARD, LOSS, SOFTMAX, STEP, UPDATE  # shared with gpumlp.selfcheck
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
@@ -124,8 +120,8 @@ def test_backward_update_partial_and_reduce(device, n_out, n_in, momentum):
     chunks = ops_mlp.partial_rows(n_out)
     partial = nan_like(chunks * n_in)
     dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
-    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial, np.float32(lr),
-                                    np.float32(momentum), dev[2], dev[3])
+    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial,
+                                    ops_mlp.Hyperparameters(device, lr, momentum), dev[2], dev[3])
     delta_in = nan_like(n_in)
     ops_mlp.backward_reduce(device, partial, x, delta_in, n_out)
 
@@ -148,7 +144,8 @@ def test_backward_update_without_partial_leaves_the_workspace(device):
     partial = nan_like(ops_mlp.partial_elements(40, 37) + 5)
     ref_W, ref_b = W.copy(), b.copy()
     delta_out, x = uniform(rng, 40), uniform(rng, 37)
-    ops_mlp.backward_update_partial(device, W, b, delta_out, x, partial, np.float32(0.05), want_partial=False)
+    ops_mlp.backward_update_partial(device, W, b, delta_out, x, partial, ops_mlp.Hyperparameters(device, 0.05),
+                                    want_partial=False)
     R.sgd_update_ref(ref_W, ref_b, delta_out[None], x[None], 0.05)
     assert np.isnan(partial).all()
     assert_bitwise_equal(W, ref_W, "W")
@@ -201,7 +198,7 @@ def test_sgd_update_gemm(device, batch, n_out, n_in, momentum):
     vb = uniform(rng, b.shape, 1e-3) if momentum else None
     dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
     ref = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
-    ops_mlp.sgd_update_gemm(device, dev[0], dev[1], delta_out, X, np.float32(0.01), np.float32(momentum),
+    ops_mlp.sgd_update_gemm(device, dev[0], dev[1], delta_out, X, ops_mlp.Hyperparameters(device, 0.01, momentum),
                             dev[2], dev[3])
     R.sgd_update_ref(ref[0], ref[1], delta_out, X, 0.01, momentum, ref[2], ref[3])
     for name, got, want in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref):
@@ -313,7 +310,7 @@ class DeviceNet:
             vW, vb = self.velocities[layer] if self.momentum else (None, None)
             below = self.deltas[layer - 1] if layer else None
             ops_mlp.backward_update(d, W, b, self.deltas[layer], inputs[layer], below, self.partial,
-                                    np.float32(lr), self.momentum, vW, vb)
+                                    ops_mlp.Hyperparameters(d, lr, self.momentum), vW, vb)
         ops_mlp.finish_step(d, self.loss, self.wrong, self.loss_total, self.wrong_total, self.cursor)
 
 
@@ -389,10 +386,10 @@ def test_launchers_refuse_wrong_shapes_and_types():
         ops_mlp.layer_forward_gemm(d, W, b, np.zeros((2, 6)), np.zeros((2, 4), np.float32), True)
     with pytest.raises(ValueError, match="partial"):
         ops_mlp.backward_update_partial(d, W, b, np.zeros(4, np.float32), np.zeros(6, np.float32),
-                                        np.zeros(5, np.float32), np.float32(0.1))
+                                        np.zeros(5, np.float32), ops_mlp.Hyperparameters(d, 0.1))
     with pytest.raises(ValueError, match="velocity"):
         ops_mlp.sgd_update_gemm(d, W, b, np.zeros((2, 4), np.float32), np.zeros((2, 6), np.float32),
-                                np.float32(0.1), np.float32(0.9))
+                                ops_mlp.Hyperparameters(d, 0.1, 0.9))
 
 
 # ---- NVRTC -----------------------------------------------------------------------------------

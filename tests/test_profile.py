@@ -207,7 +207,7 @@ class FakeTrainer:
     def __init__(self):
         self.cursor = np.zeros(1, np.int32)
 
-    def capture_steps(self, steps, batch_size, lr):
+    def capture_steps(self, steps, batch_size):
         return SimpleNamespace(replay=lambda: None)
 
 
