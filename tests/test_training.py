@@ -28,7 +28,7 @@ def test_help_lists_every_flag():
     for flag in ["--net", "--hidden", "--batch-size", "--lr", "--lr-decay", "--lr-min", "--momentum",
                  "--seed", "--no-augment", "--beta", "--beta-1-7", "--gamma", "--sigma", "--alpha",
                  "--validation", "--train-images", "--test-images", "--data-dir", "--device", "--out",
-                 "--resume", "--epochs"]:
+                 "--resume", "--epochs", "--checkpoint-every", "--checkpoint-minutes", "--config"]:
         assert flag in out, flag
 
 
@@ -122,6 +122,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(synthetic_mn
     run_cli("--device", "cpu", *TINY, "--checkpoint-every", "5", "--out", tmp_path / "nan", expect=3)
     assert "loss became nan in epoch 2" in capsys.readouterr().err
     assert RunDir(tmp_path / "nan").load_checkpoint()[0] == 1
+
+
+def test_initial_weights_drawn_in_pieces_equal_one_float64_draw(monkeypatch):
+    """init_params draws INIT_CHUNK numbers at a time to spare a float64 copy of each matrix; the
+    values must stay those of one whole draw cast to float32, so recorded weights_sha256 stay valid."""
+    from gpumlp import nets
+    monkeypatch.setattr(nets, "INIT_CHUNK", 1000)  # many pieces, one ending inside a row
+    sizes = [841, 37, 10]
+    rng = np.random.default_rng([5, 0x1417])
+    for W, b in nets.init_params(sizes, 5):
+        np.testing.assert_array_equal(W, rng.uniform(-0.05, 0.05, size=W.shape).astype(np.float32))
+        np.testing.assert_array_equal(b, rng.uniform(-0.05, 0.05, size=b.shape).astype(np.float32))
 
 
 def test_learning_rate_schedule_and_floor():
