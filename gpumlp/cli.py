@@ -165,7 +165,7 @@ def run(args, argv, parser, transcript) -> int:
             config_file = Path(args.config) / "config.json" if Path(args.config).is_dir() else Path(args.config)
             base = TrainConfig.from_saved(read_config(config_file)["settings"], str(config_file))
         config = config_from_args(args, given, base)
-        config.data_dir = str(resolve_data_dir(config.data_dir).absolute())
+        config.data_dir = os.path.abspath(resolve_data_dir(config.data_dir))
         run_dir = RunDir(config.out or default_run_dir())
         run_dir.check_new()
 
@@ -177,10 +177,11 @@ def run(args, argv, parser, transcript) -> int:
     split = make_split(mnist, config)
     trainer = make_trainer(config, split, device, log)
     first_epoch = run_dir.checkpoint_epoch() + 1 if args.resume else 1
-    if device is None:
-        seconds, rate = estimate_cpu_seconds(trainer, split, config, config.epochs - first_epoch + 1)
-        log(f"estimated time on the CPU: {long_duration(seconds)} for "
-            f"{count(config.epochs - first_epoch + 1, 'epoch')} ({rate:,.1f} training images/s, timed on the first images)")
+    epochs_left = config.epochs - first_epoch + 1
+    if device is None and epochs_left:
+        seconds, rate = estimate_cpu_seconds(trainer, split, config, epochs_left)
+        log(f"estimated time on the CPU: {long_duration(seconds)} for {count(epochs_left, 'epoch')} "
+            f"({rate:,.1f} training images/s, timed on the first images)")
         if config.device == "auto" and seconds > CPU_AUTO_LIMIT_HOURS * 3600:
             raise UserError(refusal(seconds, argv))
 
@@ -241,7 +242,7 @@ def resumed_config(run_dir, args, given: set[str], parser) -> TrainConfig:
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         config.data_dir = os.environ[DATA_DIR_ENV]
     if config.data_dir is not None:
-        config.data_dir = str(resolve_data_dir(config.data_dir).absolute())
+        config.data_dir = os.path.abspath(resolve_data_dir(config.data_dir))
     validate(config)
     done = run_dir.checkpoint_epoch()
     if config.epochs < done:

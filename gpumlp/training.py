@@ -265,10 +265,17 @@ class Run:
 # -- how long a run on the CPU will take -----------------------------------------------------------
 CALIBRATION_SECONDS = 0.3  # time spent measuring each stage (at most CALIBRATION_CALLS calls)
 CALIBRATION_CALLS = 20
+CALIBRATION_IMAGES = {"deform": 256, "evaluate": 64}
 
 
 def _seconds_per_call(action) -> float:
-    action()  # warm-up: first-call allocations and BLAS start-up are not the steady rate
+    """Mean time of calls after a warm-up one (first-call allocations and BLAS start-up are not
+    the steady rate); a warm-up that alone takes CALIBRATION_SECONDS is the measure itself."""
+    started = time.perf_counter()
+    action()
+    first = time.perf_counter() - started
+    if first >= CALIBRATION_SECONDS:
+        return first
     calls, started = 0, time.perf_counter()
     while True:
         action()
@@ -290,11 +297,11 @@ def estimate_cpu_seconds(trainer, split: Split, config: TrainConfig, epochs: int
         trainer.set_state(saved)
     deform = 0.0
     if config.augment:
-        from gpumlp.deform import CHUNK, deform_images_ref
-        k = min(n_train, CHUNK)
+        from gpumlp.deform import deform_images_ref
+        k = min(n_train, CALIBRATION_IMAGES["deform"])
         deform = _seconds_per_call(lambda: deform_images_ref(
             split.train_images[:k], split.train_labels[:k], None, config.seed, 1, config.deform_config())) / k
-    k = min(n_train, 256)
+    k = min(n_train, CALIBRATION_IMAGES["evaluate"])
     evaluate = _seconds_per_call(lambda: trainer.predict_probs(split.train_images[:k])) / k
     per_epoch = n_train * (train + deform) + (len(split.val_labels) + len(split.test_labels)) * evaluate
     return epochs * per_epoch, 1 / (train + deform)

@@ -4,7 +4,8 @@
 The child process is `python -c DRIVER ARGS...`: it substitutes the synthetic digits for MNIST (as
 the `synthetic_mnist` fixture does in-process), can slow each training step down (STEP_SLEEP) so a
 signal lands inside an epoch, and can slow the rename of checkpoint.npz (SLOW_CHECKPOINT) so a
-signal lands inside that write; then it runs gpumlp.cli.main, exactly what reproduce_2010.py runs."""
+signal lands inside that write; then it runs gpumlp.cli.main, exactly what reproduce_2010.py runs
+(or the main of the module named by COMMAND)."""
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ from gpumlp.rundir import RunDir
 TESTS = Path(__file__).resolve().parent
 N_TRAIN, N_TEST = 200, 50
 DRIVER = f"""
-import os, sys, time
+import importlib, os, sys, time
 sys.path.insert(0, {str(TESTS)!r})
 from conftest import make_synthetic_mnist
 import gpumlp.data
@@ -46,7 +47,7 @@ if checkpoint_sleep:
             time.sleep(checkpoint_sleep)
         real_replace(source, destination)
     os.replace = slow_replace
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(importlib.import_module(os.environ.get("COMMAND", "gpumlp.cli")).main(sys.argv[1:]))
 """
 # 200 online steps of a tiny net, each slowed to >= 4 ms: an epoch lasts about a second.
 SLOW = ["--device", "cpu", "--hidden", "8", "--batch-size", "1", "--no-augment", "--lr", "0.01"]
@@ -167,6 +168,20 @@ def test_a_diverged_first_epoch_leaves_a_resumable_directory(tmp_path, same_digi
     assert "the run directory keeps epoch 0" in capsys.readouterr().err
     assert RunDir(out).checkpoint_epoch() == 0
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 0
+
+
+def test_a_study_stopped_in_its_first_epoch_completes_when_run_again(tmp_path, same_digits):
+    from gpumlp import studies
+    study = ["seeds", "--seeds", "1", "--out", tmp_path / "study", *SLOW, "--epochs", "2"]
+    child = Child(study, {**SLOW_ENV, "COMMAND": "gpumlp.studies"})
+    child.wait_for(r"^epoch\s+lr")
+    child.send(signal.SIGTERM)
+    exit_code, lines = child.finish()
+    assert exit_code == 143, lines
+    assert RunDir(tmp_path / "study" / "seed_0").checkpoint_epoch() == 0
+    assert studies.main([*map(str, study)]) == 0
+    run_in_process(*SLOW, "--epochs", "2", "--seed", "0", "--out", tmp_path / "whole")
+    assert sha(tmp_path / "study" / "seed_0") == sha(tmp_path / "whole")
 
 
 # -- 3: a second signal during the save, and a signal during a periodic save ----------------------
@@ -354,9 +369,8 @@ def test_the_estimate_adds_steps_deformation_and_evaluation(same_digits, monkeyp
     before = trainer.get_state()
     monkeypatch.setattr(training, "_seconds_per_call", lambda action: (action(), 0.01)[1])
     seconds, rate = training.estimate_cpu_seconds(trainer, split, config, epochs=3)
-    from gpumlp.deform import CHUNK
-    per_image = 0.01 / 4 + 0.01 / min(N_TRAIN, CHUNK)
-    evaluate = 0.01 / min(N_TRAIN, 256)
+    per_image = 0.01 / 4 + 0.01 / min(N_TRAIN, training.CALIBRATION_IMAGES["deform"])
+    evaluate = 0.01 / min(N_TRAIN, training.CALIBRATION_IMAGES["evaluate"])
     assert seconds == pytest.approx(3 * (N_TRAIN * per_image + (N_TRAIN + N_TEST) * evaluate))
     assert rate == pytest.approx(1 / per_image)
     for (W, _), (W0, _) in zip(trainer.get_state()["params"], before["params"]):
@@ -422,6 +436,39 @@ def test_an_interrupted_bar_is_cleared_before_the_interrupted_line(tmp_path, sam
     assert "epoch 1 training" in terminal.text and terminal.text.split("\r")[-1].strip() == ""
     assert capsys.readouterr().err.strip().endswith(f"interrupted: epoch 0 is saved in {tmp_path / 'run'}; "
                                                    f"continue with --resume {tmp_path / 'run'}")
+
+
+def test_on_a_terminal_the_bar_is_cleared_before_the_interrupted_line(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, on a terminal 100 columns wide
+        try:
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+            os.environ.update(SLOW_ENV)
+            os.execv(sys.executable, [sys.executable, "-c", DRIVER, *SLOW, "--epochs", "3", "--out", str(tmp_path / "run")])
+        finally:
+            os._exit(127)
+    output, signalled = b"", False
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child has closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        if not signalled and b"epoch 2 training:" in output:
+            os.kill(pid, signal.SIGINT)
+            signalled = True
+    _, status = os.waitpid(pid, 0)
+    text = output.decode()
+    assert os.waitstatus_to_exitcode(status) == 130, text
+    before, _ = text.rsplit("interrupted: epoch 1 is saved", 1)
+    bar, clearing, rest = before.split("\r")[-3:]
+    assert "epoch 2 training:" in bar and "img/s" in bar and clearing.strip() == "" and rest == "", repr(before[-300:])
 
 
 def test_header_states_images_device_and_each_epoch_line_the_run_eta(tmp_path, same_digits, capsys):
