@@ -20,8 +20,8 @@ from gpumlp.training import (Run, TrainingDiverged, clamp_notes, count, estimate
 # With --device auto and no usable GPU, a run estimated to take longer than this on the CPU is not
 # started (--device cpu insists). Tests lower it.
 CPU_AUTO_LIMIT_HOURS = 24
-# The README's CPU quick recipe: an 841-800-10 net in minibatches, minutes per epoch on a laptop.
 MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000
+# The README's CPU quick recipe: an 841-800-10 net in minibatches, minutes per epoch on a laptop.
 CPU_QUICK_RECIPE = "--device cpu --hidden 800 --batch-size 64 --lr 0.02 --momentum 0.9 --lr-decay 0.92 --epochs 40"
 
 
@@ -241,8 +241,7 @@ def resumed_config(run_dir, args, given: set[str], parser) -> TrainConfig:
             setattr(config, name, getattr(args, name))
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         config.data_dir = os.environ[DATA_DIR_ENV]
-    if config.data_dir is not None:
-        config.data_dir = os.path.abspath(resolve_data_dir(config.data_dir))
+    config.data_dir = os.path.abspath(resolve_data_dir(config.data_dir))
     validate(config)
     done = run_dir.checkpoint_epoch()
     if config.epochs < done:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gpumlp import cli
+from gpumlp.config import TrainConfig
 from gpumlp.rundir import RunDir
 
 TESTS = Path(__file__).resolve().parent
@@ -358,10 +359,8 @@ def test_auto_without_a_gpu_refuses_a_run_estimated_over_the_limit(tmp_path, sam
 
 
 def test_the_estimate_adds_steps_deformation_and_evaluation(same_digits, monkeypatch):
-    from gpumlp import training
-    from gpumlp.config import TrainConfig
+    from gpumlp import nets, training
     from gpumlp.train_cpu import CpuTrainer
-    from gpumlp import nets
     config = TrainConfig(hidden=[8], batch_size=4)
     split = training.make_split(same_digits, config)
     trainer = CpuTrainer(nets.init_params(config.sizes, 0), split.train_images, split.train_labels, 4, 0.0,
@@ -555,3 +554,11 @@ def test_config_file_starts_a_new_run_with_those_settings_and_flags_override(tmp
     run_in_process("--config", tmp_path / "a", "--net", "1", "--epochs", "1", "--train-images", "20",
                    "--out", tmp_path / "d")
     assert json.loads((tmp_path / "d" / "config.json").read_text())["sizes"] == [841, 1000, 500, 10]
+
+
+def test_a_config_file_that_cannot_be_used_is_one_line(tmp_path):
+    assert one_line_error(["--config", tmp_path / "missing.json"]) == f"error: {tmp_path / 'missing.json'} not found"
+    (tmp_path / "other.json").write_text('{"settings": {"lr": 0.1}}')
+    assert "lacks the settings" in one_line_error(["--config", tmp_path / "other.json"])
+    (tmp_path / "bad.json").write_text(json.dumps({"settings": {**TrainConfig().to_dict(), "lr": "fast"}}))
+    assert "holds an unusable setting" in one_line_error(["--config", tmp_path / "bad.json"])
