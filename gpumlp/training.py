@@ -108,10 +108,11 @@ class Progress:
                 self.bar.reset(self.total)
                 self.bar.set_description(f"epoch {self.epoch} {stage}")
         if self.on_terminal:
-            if self.bar is None:
-                self.bar = tqdm(total=self.total, desc=f"epoch {self.epoch} {stage}", unit="img",
-                                file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5)
-            self.bar.update(done - self.bar.n)
+            with stop_signals.held():  # a bar half made would be left on the screen
+                if self.bar is None:
+                    self.bar = tqdm(total=self.total, desc=f"epoch {self.epoch} {stage}", unit="img",
+                                    file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5)
+                self.bar.update(done - self.bar.n)
             return
         now = time.perf_counter()
         if now - self.last_line >= PLAIN_PROGRESS_SECONDS and done:
