@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hidden layer sizes of any other net (overrides --net)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=800, metavar="N",
-                       help="epochs to train (the paper: 800); on --resume, the new total")
+                       help="epochs to train, as in the paper; on --resume, the new total")
     train.add_argument("--batch-size", type=int, default=1, help="1 is the paper's online mode; "
                        "larger batches take the mean gradient")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of epoch 1")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="factor applied to the learning rate after every epoch")
     train.add_argument("--lr-min", type=float, default=1e-6, help="floor of the learning rate")
     train.add_argument("--momentum", type=float, default=0.0,
-                       help="fraction of the previous update added to each update (the paper: none)")
+                       help="fraction of the previous update added to each update (0: none, as in the paper)")
     train.add_argument("--seed", type=int, default=0, help="makes a run repeatable bit for bit on one device")
     deform = p.add_argument_group("deformation (regenerated for every image every epoch)")
     deform.add_argument("--no-augment", dest="augment", action="store_false",
