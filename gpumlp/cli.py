@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hidden layer sizes of any other net (overrides --net)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=800, metavar="N",
-                       help="epochs to train, as in the paper; on --resume, the new total")
+                       help="passes over the training set (800 in the paper); on --resume, the new total")
     train.add_argument("--batch-size", type=int, default=1, help="1 is the paper's online mode; "
                        "larger batches take the mean gradient")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of epoch 1")
