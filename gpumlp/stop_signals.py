@@ -45,11 +45,13 @@ def _on_signal(signum, frame) -> None:
 @contextmanager
 def handled():
     """Turns STOP_SIGNALS into StopRequested for the duration of the block (main thread only; the
-    previous handlers come back afterwards)."""
+    previous handlers come back afterwards). A signal the process was started ignoring stays
+    ignored: `nohup` ignores SIGHUP so that the run outlives the terminal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     _State.depth, _State.pending, _State.stopping = 0, None, False
     try:
         yield

@@ -58,8 +58,11 @@ SLOW_ENV = {"STEP_SLEEP": "0.004"}
 class Child:
     """The command in a subprocess; its stdout and stderr are read line by line as they come."""
 
-    def __init__(self, args, env=None, cwd=None):
-        self.process = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], cwd=cwd,
+    def __init__(self, args, env=None, ignoring=()):
+        def ignore_signals():  # in the child before it starts, as nohup does
+            for signum in ignoring:
+                signal.signal(signum, signal.SIG_IGN)
+        self.process = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], preexec_fn=ignore_signals,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, **(env or {})})
         self.lines, self.seen = queue.Queue(), []
@@ -149,6 +152,16 @@ def test_a_run_stopped_in_epoch_1_resumes_from_the_initial_weights(tmp_path, sam
     run_in_process("--resume", out)
     run_in_process(*SLOW, "--epochs", "2", "--out", tmp_path / "whole")
     assert sha(out) == sha(tmp_path / "whole")
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path):
+    out = tmp_path / "nohup"
+    child = Child([*SLOW, "--epochs", "2", "--out", out], SLOW_ENV, ignoring=[signal.SIGHUP])
+    child.wait_for(r"^epoch\s+lr")
+    child.send(signal.SIGHUP)
+    exit_code, lines = child.finish()
+    assert exit_code == 0 and lines[-1].startswith("test error at best validation"), lines
+    assert RunDir(out).checkpoint_epoch() == 2
 
 
 def test_rerunning_into_an_existing_run_directory_fails_and_names_resume(tmp_path, same_digits, capsys):
