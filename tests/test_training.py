@@ -136,6 +136,23 @@ def test_initial_weights_drawn_in_pieces_equal_one_float64_draw(monkeypatch):
         np.testing.assert_array_equal(b, rng.uniform(-0.05, 0.05, size=b.shape).astype(np.float32))
 
 
+def test_deforming_in_pieces_for_progress_equals_one_call(synthetic_mnist, monkeypatch):
+    """CpuTrainer deforms the training set piece by piece to report progress; the digits must be
+    those of one deform_images_ref call over the whole set, bit for bit (the pieces are whole
+    multiples of deform.CHUNK, the unit that call works in)."""
+    from gpumlp import deform, nets
+    from gpumlp.config import TrainConfig
+    config = TrainConfig(hidden=[4])
+    images, labels = synthetic_mnist.train_images, synthetic_mnist.train_labels
+    monkeypatch.setattr(deform, "CHUNK", 16)  # pieces of 16 * THREADS images, the last one short
+    whole = deform.deform_images_ref(images, labels, None, 7, 3, config.deform_config())[0]
+    reported = []
+    trainer = CpuTrainer(nets.init_params(config.sizes, 0), images, labels, 1, 0.0, config.deform_config(), 7)
+    pieces = trainer.deformed_training_set(3, lambda done, stage: reported.append((done, stage)))
+    np.testing.assert_array_equal(pieces, whole)
+    assert reported[-1] == (len(labels), "deforming") and len(reported) > 1
+
+
 def test_learning_rate_schedule_and_floor():
     from gpumlp.config import TrainConfig
     config = TrainConfig(lr=1e-3, lr_decay=0.5, lr_min=2e-4)
