@@ -291,7 +291,7 @@ def host_memory_needed(config: TrainConfig, on_device: bool) -> int:
 
 
 def available_host_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (bytes), or None where it cannot be read."""
+    """MemAvailable from /proc/meminfo (bytes), else the physical memory, else None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -299,7 +299,10 @@ def available_host_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_host_memory(config: TrainConfig, device) -> None:
