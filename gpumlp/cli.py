@@ -213,8 +213,11 @@ def run(args, argv, parser, transcript) -> int:
         training.write_summary()
         signal_name = getattr(stop, "name", "SIGINT")
         what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
-        print(f"{what}: epoch {training.last_good[0]} is saved in {run_dir.path}; "
-              f"continue with --resume {run_dir.path}", file=sys.stderr)
+        try:
+            print(f"{what}: epoch {training.last_good[0]} is saved in {run_dir.path}; "
+                  f"continue with --resume {run_dir.path}", file=sys.stderr)
+        except OSError:  # the terminal that hung up is gone; train.log has the line
+            pass
         return getattr(stop, "exit_code", EXIT_INTERRUPTED)
     except TrainingDiverged:
         training.checkpoint()

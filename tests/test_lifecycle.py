@@ -483,6 +483,29 @@ def test_on_a_terminal_the_bar_is_cleared_before_the_interrupted_line(tmp_path):
     assert "epoch 2 training:" in bar and "img/s" in bar and clearing.strip() == "" and rest == "", repr(before[-300:])
 
 
+def test_closing_the_terminal_stops_the_run_like_sighup_and_the_log_says_so(tmp_path):
+    """The terminal closes (the kernel sends SIGHUP, and later writes to it fail): the run saves
+    its last finished epoch, exits 129, and train.log holds the line the terminal no longer can."""
+    import pty
+    out = tmp_path / "run"
+    pid, terminal = pty.fork()
+    if pid == 0:
+        try:
+            os.environ.update(SLOW_ENV)
+            os.execv(sys.executable, [sys.executable, "-c", DRIVER, *SLOW, "--epochs", "3", "--out", str(out)])
+        finally:
+            os._exit(127)
+    output = b""
+    while not re.search(rb"\n\s+1\s+0\.01", output):  # the line of epoch 1
+        output += os.read(terminal, 4096)
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129, output
+    assert RunDir(out).checkpoint_epoch() >= 1
+    last = (out / "train.log").read_text().splitlines()[-1]
+    assert re.fullmatch(rf"stopped by SIGHUP: epoch \d is saved in {out}; continue with --resume {out}", last), last
+
+
 def test_header_states_images_device_and_each_epoch_line_the_run_eta(tmp_path, same_digits, capsys):
     run_in_process(*SLOW, "--epochs", "2", "--validation", "holdout", "--out", tmp_path / "run")
     out = capsys.readouterr().out.splitlines()
