@@ -73,7 +73,7 @@ def test_quick_check_raises_naming_the_kernel(altered_kernels, monkeypatch):
 def test_selfcheck_on_cuda_without_a_gpu_is_one_error_line(capsys):
     assert selfcheck.main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --device cuda: no CUDA GPU is usable") and "\n" not in err
+    assert err.startswith("error: --device cuda: no usable CUDA GPU") and "\n" not in err
 
 
 class PretendGpu(EmulatedDevice):
