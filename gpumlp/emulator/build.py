@@ -37,6 +37,9 @@ DYNAMIC_SHARED_CAPACITY = 227 * 1024
 _COMMENT_OR_LITERAL = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _PREPROCESSOR_LINE = re.compile(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", re.M)
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\s*\([^()]*\)")
+# __launch_bounds__(max threads[, ...]) and the kernel it belongs to: the first name followed by "("
+# after it, on the definition or on a declaration ("extern "C" __launch_bounds__(256) __global__ ...").
+_LAUNCH_BOUNDS_OF = re.compile(r"__launch_bounds__\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)[^;{}()]*?\b([A-Za-z_]\w*)\s*\(")
 _KERNEL = re.compile(r"\b__global__\b[^;{}()]*?\b([A-Za-z_]\w*)\s*\(([^()]*)\)")
 _EXTERN_SHARED_NAME = re.compile(r"\bextern\s+__shared__\b[^;]*?\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*["<]([^">]+)[">]', re.M)
@@ -50,6 +53,7 @@ class EmulatorError(RuntimeError):
 class KernelDeclaration:
     name: str
     parameter_names: tuple[str, ...]
+    max_threads_expression: str | None = None   # the first argument of its __launch_bounds__
 
 
 def _blank_comments(text: str) -> str:
@@ -65,13 +69,27 @@ def _declarations_text(source: str) -> str:
     return _LAUNCH_BOUNDS.sub("", code)
 
 
+def _first_argument(arguments: str) -> str:
+    depth = 0
+    for position, character in enumerate(arguments):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            return arguments[:position].strip()
+    return arguments.strip()
+
+
 def find_kernels(source: str) -> list[KernelDeclaration]:
-    """The __global__ functions written out in the text (not ones a macro generates)."""
+    """The __global__ functions written out in the text (not ones a macro generates), with the
+    maximum block size of their __launch_bounds__ as C text (g++ evaluates it in the glue code)."""
+    code = _PREPROCESSOR_LINE.sub("", _blank_comments(source))
+    bounds = {}
+    for match in _LAUNCH_BOUNDS_OF.finditer(code):
+        bounds.setdefault(match.group(2), _first_argument(match.group(1)))
     kernels = {}
-    for match in _KERNEL.finditer(_declarations_text(source)):
+    for match in _KERNEL.finditer(_LAUNCH_BOUNDS.sub("", code)):
         parameters = [p.strip() for p in match.group(2).split(",") if p.strip() and p.strip() != "void"]
         names = tuple((re.findall(r"[A-Za-z_]\w*", p) or ["?"])[-1] for p in parameters)
-        kernels[match.group(1)] = KernelDeclaration(match.group(1), names)
+        kernels[match.group(1)] = KernelDeclaration(match.group(1), names, bounds.get(match.group(1)))
     return list(kernels.values())
 
 
@@ -104,6 +122,9 @@ def glue_code(source: str, kernels: list[KernelDeclaration]) -> str:
             f'extern "C" GPUMLP_EXPORT constexpr auto gpumlp_signature_{kernel.name} = '
             f"gpumlp_signature_of({kernel.name});",
         ]
+        if kernel.max_threads_expression:
+            lines.append(f'extern "C" GPUMLP_EXPORT constexpr int gpumlp_max_threads_{kernel.name} = '
+                         f"(int)({kernel.max_threads_expression});")
     return "\n".join(lines) + "\n"
 
 
