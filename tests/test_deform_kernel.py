@@ -23,9 +23,9 @@ ATOL, RTOL = 1e-4, 0.0
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
-    # shared memory filled with NaN and threads run last to first: a missing barrier shows
-    # every launch also runs with its blocks in reverse and in a seeded random order, and the
-    # results of the three orders must agree bit for bit
+    # shared memory filled with NaN and threads run last to first: a missing barrier shows; every
+    # launch also runs with its blocks in reverse and in a seeded random order, and the results of
+    # the three orders must agree bit for bit
     "poison+reverse+block-orders": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True,
                                                           compare_block_orders=True),
 }
