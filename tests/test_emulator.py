@@ -1,5 +1,7 @@
 """The CPU emulator runs unchanged CUDA text with real barrier, warp and shared-memory semantics,
-finds races, and turns deadlocks and crashes into exceptions."""
+finds races, and turns deadlocks and crashes into exceptions; its sanitizer checks (memcheck,
+initcheck, block orders, launch limits, flush-to-zero) each catch a planted bug of
+tests/kernels/sanitizer_bugs.cu that passes unseen without them."""
 from pathlib import Path
 
 import numpy as np

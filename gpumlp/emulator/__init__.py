@@ -166,8 +166,8 @@ class Kernel:
         for order in BLOCK_ORDERS[1:]:
             for key, (name, _) in arrays.items():
                 a, b = results[first][key].reshape(-1), results[order][key].reshape(-1)
-                bits = np.dtype(f"u{a.itemsize}") if a.itemsize in (1, 2, 4, 8) else None
-                differ = (a.view(bits) != b.view(bits)) if bits is not None else (a.view(np.uint8) != b.view(np.uint8))
+                width = (a.size, a.itemsize)
+                differ = (a.view(np.uint8).reshape(width) != b.view(np.uint8).reshape(width)).any(axis=1)
                 if differ.any():
                     index = int(np.argmax(differ))
                     raise EmulatorError(
