@@ -356,7 +356,7 @@ def test_launches_a_gpu_refuses_are_refused(bugs, grid, block, shared_mem, expec
         bugs.get_function("bounded_scale")(grid, block, (y, np.float32(2), np.int32(8)), shared_mem=shared_mem)
 
 
-def test_launch_bounds_allow_their_block_and_the_shared_memory_opt_in(bugs, basics):
+def test_launch_bounds_allow_their_block_and_the_shared_memory_opt_in(bugs):
     kernel = bugs.get_function("bounded_scale")
     assert kernel.max_threads_per_block == 128
     y = np.ones(256, np.float32)
@@ -366,7 +366,7 @@ def test_launch_bounds_allow_their_block_and_the_shared_memory_opt_in(bugs, basi
     online = load_module(Path(__file__).resolve().parent.parent / "cuda_kernels" / "mlp_online.cu")
     assert online.get_function("layer_forward_mv").max_threads_per_block == 256
     assert online.get_function("backward_reduce").max_threads_per_block == 1024
-    dynamic = basics.get_function("reverse_through_dynamic_shared")
+    dynamic = load_module(KERNELS / "emulator_basics.cu").get_function("reverse_through_dynamic_shared")
     x = np.arange(64, dtype=np.float32)
     with pytest.raises(EmulatorError, match="max_dynamic_shared_size_bytes is 0"):
         dynamic(1, 64, (x, np.zeros_like(x)), shared_mem=64 * 1024)
@@ -399,3 +399,17 @@ def test_flush_to_zero_matches_cuda_ftz_and_leaves_numpy_alone(bugs):
     finally:
         bugs.flush_to_zero = True
     assert out[0, 0] == np.float32(1e-20) * np.float32(1e-20) != 0 and out[1, 1] == np.float32(1e-39)
+
+
+def test_the_shared_memory_limit_counts_the_kernels_own_static_shared_memory(basics):
+    """block_sum has 1 KiB of its own; the helper's 256 bytes count for every kernel (which kernels
+    call the helper is not known), the other kernels' never."""
+    assert basics.static_shared_bytes("block_sum") == 1024 + 256
+    assert basics.static_shared_bytes("reverse_through_dynamic_shared") == 256
+    dynamic = basics.get_function("reverse_through_dynamic_shared")
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros_like(x)
+    dynamic(1, 64, (x, out), shared_mem=48 * 1024 - 256)
+    np.testing.assert_array_equal(out, x[::-1])
+    with pytest.raises(EmulatorError, match=r"48897 bytes of dynamic shared memory \+ 256 static exceed 49152"):
+        dynamic(1, 64, (x, out), shared_mem=48 * 1024 - 255)

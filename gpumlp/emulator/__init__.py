@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gpumlp.emulator.arguments import ArgumentPacker
-from gpumlp.emulator.build import EmulatorError, build_module, build_runtime
+from gpumlp.emulator.build import EmulatorError, build_module, build_runtime, static_shared_bytes
 
 __all__ = ["load_module", "load_module_source", "EmulatorError", "KernelNotFoundError", "Module", "Kernel"]
 
@@ -97,10 +97,10 @@ class Kernel:
 
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value: int) -> None:
-        limit = SHARED_BYTES_WITH_OPT_IN - self.module.static_shared_bytes
+        limit = SHARED_BYTES_WITH_OPT_IN - self.module.static_shared_bytes(self.name)
         if not 0 <= int(value) <= limit:
             raise EmulatorError(f"kernel '{self.name}': max_dynamic_shared_size_bytes {value} is outside 0..{limit} "
-                                f"(227 KiB less the module's static shared memory)")
+                                f"(227 KiB less the kernel's static shared memory)")
         self._max_dynamic_shared = int(value)
 
     def _refuse(self, problem: str):
@@ -117,12 +117,12 @@ class Kernel:
                          f"__launch_bounds__({self.max_threads_per_block})")
         if any(g > m for g, m in zip(grid, MAX_GRID)):
             self._refuse(f"grid {grid} exceeds the largest grid {MAX_GRID}")
-        static = self.module.static_shared_bytes
+        static = self.module.static_shared_bytes(self.name)
         limit = max(SHARED_BYTES_WITHOUT_OPT_IN - static, self._max_dynamic_shared)
         if shared_mem > limit:
-            self._refuse(f"{shared_mem} bytes of dynamic shared memory + {static} static (all of the module's "
-                         f"__shared__ variables) exceed {SHARED_BYTES_WITHOUT_OPT_IN} bytes and "
-                         f"max_dynamic_shared_size_bytes is {self._max_dynamic_shared}")
+            self._refuse(f"{shared_mem} bytes of dynamic shared memory + {static} static exceed "
+                         f"{SHARED_BYTES_WITHOUT_OPT_IN} bytes and max_dynamic_shared_size_bytes is "
+                         f"{self._max_dynamic_shared}")
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         grid, block = _dimensions(grid, "grid"), _dimensions(block, "block")
@@ -202,7 +202,10 @@ class Module:
         self.memory = ctypes.addressof(ctypes.c_char.in_dll(self._library, "gpumlp_memory"))
         static_begin, static_end = (ctypes.c_void_p.from_address(self.memory + i * ctypes.sizeof(ctypes.c_void_p)).value
                                     for i in (0, 1))
-        self.static_shared_bytes = static_end - static_begin - 1   # less the anchor byte of the section
+        # All of the module's __shared__ variables (less the section's anchor byte): the bound of
+        # any kernel's static shared memory where the symbol table cannot tell which uses which.
+        self._all_static_shared = static_end - static_begin - 1
+        self._static_shared = static_shared_bytes(self.library_path, [k.name for k in kernels]) or {}
         self.message_buffer = ctypes.create_string_buffer(_MESSAGE_BYTES)
         self._declarations = {kernel.name: kernel for kernel in kernels}
         self._kernels = {}
@@ -216,6 +219,9 @@ class Module:
         if order not in BLOCK_ORDERS:
             raise ValueError(f"block_order must be one of {', '.join(BLOCK_ORDERS)}, got {order!r}")
         self._block_order = order
+
+    def static_shared_bytes(self, kernel: str) -> int:
+        return self._static_shared.get(kernel, self._all_static_shared)
 
     @property
     def kernel_names(self) -> list[str]:

@@ -193,6 +193,31 @@ def build_runtime() -> Path:
     return library
 
 
+def static_shared_bytes(library: Path, kernel_names) -> dict[str, int] | None:
+    """The static __shared__ bytes each kernel may use, from the library's symbol table: its own
+    function-local __shared__ variables (g++ names them _ZZ<length><kernel>E...) plus every one no
+    kernel owns (file scope, helper functions), an upper bound. None where nm cannot read it."""
+    try:
+        listing = subprocess.run(["nm", "-S", "--defined-only", str(library)], capture_output=True, text=True,
+                                 check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    bounds, symbols = {}, []
+    for fields in (line.split() for line in listing.splitlines()):
+        if len(fields) == 3 and fields[2] in ("__start_gpumlp_shared", "__stop_gpumlp_shared"):
+            bounds[fields[2]] = int(fields[0], 16)
+        elif len(fields) == 4 and not fields[3].endswith("gpumlp_shared_anchor"):
+            symbols.append((int(fields[0], 16), int(fields[1], 16), fields[3]))
+    if len(bounds) != 2:
+        return None
+    shared = [(size, name) for address, size, name in symbols
+              if bounds["__start_gpumlp_shared"] <= address < bounds["__stop_gpumlp_shared"]]
+    owners = {kernel: f"_ZZ{len(kernel)}{kernel}E" for kernel in kernel_names}
+    unowned = sum(size for size, name in shared if not any(name.startswith(p) for p in owners.values()))
+    return {kernel: unowned + sum(size for size, name in shared if name.startswith(prefix))
+            for kernel, prefix in owners.items()}
+
+
 def build_module(source: str, name: str, include_dirs, source_dir: Path | None) -> tuple[Path, list, bool]:
     """Returns the cached library for the source, its kernels, and whether it was compiled now."""
     kernels = find_kernels(source)
