@@ -413,3 +413,12 @@ def test_the_shared_memory_limit_counts_the_kernels_own_static_shared_memory(bas
     np.testing.assert_array_equal(out, x[::-1])
     with pytest.raises(EmulatorError, match=r"48897 bytes of dynamic shared memory \+ 256 static exceed 49152"):
         dynamic(1, 64, (x, out), shared_mem=48 * 1024 - 255)
+
+
+def test_memcheck_never_writes_a_read_only_array_and_reports_a_write_to_one(bugs):
+    x = np.frombuffer(np.arange(256, dtype=np.float32).tobytes(), np.float32)   # numpy: read-only
+    y = np.zeros(256, np.float32)
+    bugs.get_function("shifted_copy")(2, 128, (x, y, np.int32(256), np.int32(0)))
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(EmulatorError, match=r"wrote to argument 'y' \(float\*\), a read-only numpy array"):
+        bugs.get_function("inclusive_bound_fill")(2, 128, (np.frombuffer(bytes(1024), np.float32), np.int32(255)))

@@ -81,7 +81,7 @@ class ArgumentPacker:
         self._descriptions = [ctypes.create_string_buffer(f"'{p.name}' ({p.c_type})".encode())
                               for p in self.parameters]
         self._description_addresses = [ctypes.addressof(d) for d in self._descriptions]
-        self._extents = struct.Struct("<" + "QQQ" * len(self.parameters))
+        self._extents = struct.Struct("<" + "QQQQ" * len(self.parameters))
 
     def _refuse(self, parameter: Parameter, problem: str):
         raise KernelArgumentError(f"{self.kernel_name}: parameter '{parameter.name}' ({parameter.c_type}) {problem}")
@@ -120,11 +120,12 @@ class ArgumentPacker:
 
     def extents(self, args) -> bytes:
         """For memcheck, per argument (already checked by `pack`): its size in bytes (NOT_A_BUFFER
-        for a scalar), its element size, and the address of its description."""
+        for a scalar), its element size, whether it may be written, and the address of its
+        description."""
         values = []
         for parameter, value, description in zip(self.parameters, args, self._description_addresses):
             if parameter.is_pointer:
-                values += (value.nbytes, value.itemsize, description)
+                values += (value.nbytes, value.itemsize, value.flags.writeable, description)
             else:
-                values += (NOT_A_BUFFER, 0, description)
+                values += (NOT_A_BUFFER, 0, 0, description)
         return self._extents.pack(*values)

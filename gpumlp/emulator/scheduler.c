@@ -463,9 +463,9 @@ static void ensure_alternate_signal_stack(void) {
 
 // ---- memcheck: array arguments between guard pages ---------------------------------------------
 // What Python says about each argument: its size in bytes (NOT_A_BUFFER for a scalar), the size of
-// one element, and how a report names it ("'W' (float*)").
+// one element, whether numpy lets it be written, and how a report names it ("'W' (float*)").
 struct gpumlp_argument_extent {
-    unsigned long long bytes, element_size;
+    unsigned long long bytes, element_size, writeable;
     const char *description;
 };
 static const unsigned long long NOT_A_BUFFER = ~0ull;
@@ -483,6 +483,7 @@ struct guarded_copy {
     uintptr_t original;    // this launch: the caller's array (the union of overlapping arguments)
     size_t bytes;
     int argument;          // the argument that names the copy in a report
+    int writeable;         // all arguments it holds are writeable arrays: copied back after the launch
 };
 
 static struct {
@@ -543,11 +544,13 @@ static int memcheck_prepare(unsigned long long *slots, const gpumlp_argument_ext
         guarded_copy *last = M.copy_count ? &M.copies[M.copy_count - 1] : nullptr;
         if (last && (begin < last->original + last->bytes || begin == last->original)) {
             if (end > last->original + last->bytes) last->bytes = end - last->original;
+            last->writeable &= extents[i].writeable != 0;
         } else {
             last = &M.copies[M.copy_count++];
             last->original = begin;
             last->bytes = end - begin;
             last->argument = i;
+            last->writeable = extents[i].writeable != 0;
         }
         M.copy_of[i] = (int)(last - M.copies);
     }
@@ -598,13 +601,20 @@ static int append_memcheck_fault(uintptr_t address) {
     return 0;
 }
 
-// Copies every guarded copy back to the caller's array and checks the canaries (only when
-// `check`: a launch that failed already has its report). 1 when a canary was overwritten.
+// Copies every guarded copy of a writeable array back to the caller's, and checks the canaries and
+// that read-only arrays are unchanged (only when `check`: a launch that failed already has its
+// report). 1 when it found a bad write.
 static int memcheck_finish(int check) {
     int found = 0;
     for (int c = 0; c < M.copy_count; ++c) {
         guarded_copy *g = &M.copies[c];
-        memcpy((void *)g->original, g->data, g->bytes);
+        if (g->writeable) {
+            memcpy((void *)g->original, g->data, g->bytes);
+        } else if (check && !found && memcmp((const void *)g->original, g->data, g->bytes)) {
+            snprintf(S.message, S.message_size, "wrote to argument %s, a read-only numpy array (memcheck)",
+                     M.extents[g->argument].description);
+            found = 1;
+        }
         char *data_pages = g->mapping + LEADING_GUARD_PAGES * M.page;
         for (char *byte = data_pages; check && !found && byte < g->data; ++byte) {
             if ((unsigned char)*byte == CANARY) continue;
