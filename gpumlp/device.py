@@ -152,8 +152,9 @@ class EmulatedDevice(Device):
     """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays.
 
     The emulator's checks (gpumlp.emulator) are on as far as they cost little: memcheck (every
-    array argument between guard pages; `memcheck=False` saves its copies in long training runs,
-    never in tests), flush_to_zero (as CuPy compiles), the GPU's launch limits, and initcheck:
+    array argument between guard pages: the arrays this device allocates live there, others are
+    copied there for each launch; `memcheck=False` saves that in long training runs, never in
+    tests), flush_to_zero (as CuPy compiles), the GPU's launch limits, and initcheck:
     `empty` returns NaN (floats) or 0xA5 bytes (other types), so a kernel that reads what nothing
     wrote shows. poison_shared, reverse_threads, block_order and compare_block_orders are the
     emulator's race finders (off by default)."""
@@ -178,8 +179,27 @@ class EmulatedDevice(Device):
         from gpumlp import emulator
         return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR], **self.checks)
 
+    def _allocate(self, shape, dtype) -> np.ndarray:
+        """Under memcheck, in a guarded region of its own, which memcheck checks without copying."""
+        if not self.checks["memcheck"]:
+            return np.empty(shape, dtype=dtype)
+        from gpumlp.emulator import guarded_empty
+        return guarded_empty(shape, dtype)
+
+    def asarray(self, host_array, dtype=None):
+        """A copy, as an upload to a GPU is."""
+        host_array = np.asarray(host_array, dtype=dtype)
+        array = self._allocate(host_array.shape, host_array.dtype)
+        np.copyto(array, host_array)
+        return array
+
+    def zeros(self, shape, dtype=np.float32):
+        array = self._allocate(shape, dtype)
+        array.fill(0)
+        return array
+
     def empty(self, shape, dtype=np.float32):
-        array = np.empty(shape, dtype=dtype)
+        array = self._allocate(shape, dtype)
         if self.initcheck:
             if array.dtype.kind in "fc":
                 array.fill(np.nan)

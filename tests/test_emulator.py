@@ -422,3 +422,24 @@ def test_memcheck_never_writes_a_read_only_array_and_reports_a_write_to_one(bugs
     np.testing.assert_array_equal(y, x)
     with pytest.raises(EmulatorError, match=r"wrote to argument 'y' \(float\*\), a read-only numpy array"):
         bugs.get_function("inclusive_bound_fill")(2, 128, (np.frombuffer(bytes(1024), np.float32), np.int32(255)))
+
+
+def test_memcheck_checks_the_devices_own_arrays_in_place(bugs):
+    """EmulatedDevice allocates in guarded regions: no copy per launch, the same reports."""
+    import mmap
+    from gpumlp.device import EmulatedDevice
+    device = EmulatedDevice()
+    y = device.empty(1000, np.int32)
+    assert (y.ctypes.data + y.nbytes) % mmap.PAGESIZE == 0   # the array ends where a guard page starts
+    with pytest.raises(EmulatorError, match=r"out-of-bounds write of argument 'y' \(int\*\) at index -1"):
+        bugs.get_function("write_previous")(8, 128, (y, np.int32(1000)))
+    # a view one element in: its y[-1] is the allocation's first element, and the canary before it
+    # was laid again after the report
+    bugs.get_function("write_previous")(8, 128, (y[1:], np.int32(999)))
+    np.testing.assert_array_equal(y[:999], np.arange(999))
+    x, out = device.asarray(np.arange(1000, dtype=np.float32)), device.zeros(1000)
+    with pytest.raises(EmulatorError, match=r"out-of-bounds read of argument 'x' \(float\*\) at index 1000"):
+        bugs.get_function("shifted_copy")(8, 128, (x, out, np.int32(1000), np.int32(1)))
+    bugs.get_function("shifted_copy")(8, 128, (x, out, np.int32(1000), np.int32(0)))
+    np.testing.assert_array_equal(out, np.arange(1000, dtype=np.float32))
+    assert not EmulatedDevice(memcheck=False).checks["memcheck"]

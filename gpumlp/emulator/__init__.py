@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import numpy as np
 from gpumlp.emulator.arguments import ArgumentPacker
 from gpumlp.emulator.build import EmulatorError, build_module, build_runtime, static_shared_bytes
 
-__all__ = ["load_module", "load_module_source", "EmulatorError", "KernelNotFoundError", "Module", "Kernel"]
+__all__ = ["load_module", "load_module_source", "guarded_empty", "EmulatorError", "KernelNotFoundError", "Module",
+           "Kernel"]
 
 _MESSAGE_BYTES = 2048
 _POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK = 1, 2, 4, 8
@@ -60,8 +62,27 @@ def _runtime():
         library.gpumlp_launch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p,
                                           ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_char_p,
                                           ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+        library.gpumlp_guarded_allocate.restype = ctypes.c_void_p
+        library.gpumlp_guarded_allocate.argtypes = [ctypes.c_size_t]
+        library.gpumlp_guarded_free.restype = None
+        library.gpumlp_guarded_free.argtypes = [ctypes.c_void_p]
         _runtime_library = library
     return _runtime_library
+
+
+def guarded_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised (zero) array in a guarded region of its own, ending at a guard page: memcheck
+    checks it in place, without the copy it makes of other arrays. Freed with its last view."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    library = _runtime()
+    pointer = library.gpumlp_guarded_allocate(nbytes)
+    if not pointer:
+        raise MemoryError(f"the emulator could not map a guarded array of {nbytes} bytes")
+    memory = (ctypes.c_char * nbytes).from_address(pointer)
+    weakref.finalize(memory, library.gpumlp_guarded_free, pointer)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def _dimensions(value, what: str) -> tuple[int, int, int]:

@@ -131,7 +131,6 @@ static struct {
     size_t message_size;
 } S;
 
-static pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static const char *warp_op_name(int kind) {
     static const char *const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
@@ -471,36 +470,23 @@ struct gpumlp_argument_extent {
 static const unsigned long long NOT_A_BUFFER = ~0ull;
 enum { MAX_ARGUMENTS = 64, LEADING_GUARD_PAGES = 16, TRAILING_GUARD_PAGES = 256, CANARY = 0xA5 };
 
-// One guarded copy: [leading guard][data pages][trailing guard], the data ending exactly at the end
-// of the data pages, so the first byte past the array faults. The bytes between the start of the
-// data pages and the array (less than a page) hold a canary, checked after the launch: a write just
-// before the array is found there, a read there is not (it reads the canary). The mapping is kept
-// for the next launch and reused when the page count matches, as training relaunches one shape.
-struct guarded_copy {
+// A guarded region: [leading guard][data pages][trailing guard], the data ending exactly at the end
+// of the data pages, so the first byte past them faults. The bytes between the start of the data
+// pages and the data (less than a page) hold a canary, checked after each launch: a write just
+// before the array is found there, a read there is not (it reads the canary).
+struct guarded_region {
     char *mapping;
     size_t mapped_bytes, data_pages;
-    char *data;            // this launch: where the copy starts
-    uintptr_t original;    // this launch: the caller's array (the union of overlapping arguments)
+    char *data;
     size_t bytes;
-    int argument;          // the argument that names the copy in a report
-    int writeable;         // all arguments it holds are writeable arrays: copied back after the launch
 };
 
-static struct {
-    guarded_copy copies[MAX_ARGUMENTS];
-    int copy_count;
-    int copy_of[MAX_ARGUMENTS];   // per argument: its copy, -1 for a scalar
-    uintptr_t begin[MAX_ARGUMENTS];
-    const gpumlp_argument_extent *extents;
-    int argument_count;
-    size_t page;
-} M;
-
-static int map_guarded(guarded_copy *g) {
-    size_t page = M.page, pages = (g->bytes + page - 1) / page;
-    if (!g->mapping || g->data_pages != pages) {
-        if (g->mapping) munmap(g->mapping, g->mapped_bytes);
-        g->mapping = nullptr;
+// Maps `r` for `bytes` (keeping its mapping when the page count matches) and lays down the canary.
+static int map_region(guarded_region *r, size_t bytes) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), pages = (bytes + page - 1) / page;
+    if (!r->mapping || r->data_pages != pages) {
+        if (r->mapping) munmap(r->mapping, r->mapped_bytes);
+        r->mapping = nullptr;
         size_t total = (LEADING_GUARD_PAGES + pages + TRAILING_GUARD_PAGES) * page;
         char *mapping = (char *)mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (mapping == MAP_FAILED) return 1;
@@ -508,15 +494,97 @@ static int map_guarded(guarded_copy *g) {
             munmap(mapping, total);
             return 1;
         }
-        g->mapping = mapping;
-        g->mapped_bytes = total;
-        g->data_pages = pages;
+        r->mapping = mapping;
+        r->mapped_bytes = total;
+        r->data_pages = pages;
     }
-    char *data_pages = g->mapping + LEADING_GUARD_PAGES * page;
-    g->data = data_pages + pages * page - g->bytes;
-    memset(data_pages, CANARY, g->data - data_pages);
-    memcpy(g->data, (const void *)g->original, g->bytes);
+    char *data_pages = r->mapping + LEADING_GUARD_PAGES * page;
+    r->bytes = bytes;
+    r->data = data_pages + pages * page - bytes;
+    memset(data_pages, CANARY, r->data - data_pages);
     return 0;
+}
+
+// Arrays that EmulatedDevice allocates live in guarded regions from the start (gpumlp_guarded_*),
+// so memcheck checks them in place instead of copying them; the list is guarded by launch_lock.
+static guarded_region *allocations;
+static int allocation_count, allocation_capacity;
+static pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;
+
+extern "C" GPUMLP_EXPORT void *gpumlp_guarded_allocate(size_t bytes) {
+    pthread_mutex_lock(&launch_lock);
+    void *data = nullptr;
+    if (allocation_count == allocation_capacity) {
+        int capacity = allocation_capacity ? 2 * allocation_capacity : 64;
+        void *grown = realloc(allocations, capacity * sizeof *allocations);
+        if (grown) {
+            allocations = (guarded_region *)grown;
+            allocation_capacity = capacity;
+        }
+    }
+    if (allocation_count < allocation_capacity) {
+        guarded_region region = {};
+        if (!map_region(&region, bytes)) {
+            allocations[allocation_count++] = region;
+            data = region.data;
+        }
+    }
+    pthread_mutex_unlock(&launch_lock);
+    return data;
+}
+
+extern "C" GPUMLP_EXPORT void gpumlp_guarded_free(void *data) {
+    pthread_mutex_lock(&launch_lock);
+    for (int i = 0; i < allocation_count; ++i) {
+        if (allocations[i].data != data) continue;
+        munmap(allocations[i].mapping, allocations[i].mapped_bytes);
+        allocations[i] = allocations[--allocation_count];
+        break;
+    }
+    pthread_mutex_unlock(&launch_lock);
+}
+
+static const guarded_region *allocation_holding(uintptr_t begin, uintptr_t end) {
+    for (int i = 0; i < allocation_count; ++i) {
+        uintptr_t data = (uintptr_t)allocations[i].data;
+        if (begin >= data && end <= data + allocations[i].bytes) return &allocations[i];
+    }
+    return nullptr;
+}
+
+// The arguments whose bytes overlap (one array passed twice, or views of one) form one group: a
+// guarded copy of their union for the launch, or the guarded allocation that holds them.
+struct guarded_copy {
+    guarded_region own;            // the copy's region, kept for the next launch (training relaunches one shape)
+    const guarded_region *region;  // this launch: &own, or the allocation that holds the arguments
+    uintptr_t original;            // this launch: the caller's array (the union of the group)
+    size_t bytes;
+    int argument;                  // the argument that names the group in a report
+    int writeable;                 // all its arguments are writeable arrays: a copy is copied back
+};
+
+static struct {
+    guarded_copy copies[MAX_ARGUMENTS];
+    int copy_count;
+    int copy_of[MAX_ARGUMENTS];   // per argument: its group, -1 for a scalar
+    uintptr_t begin[MAX_ARGUMENTS];
+    const gpumlp_argument_extent *extents;
+    int argument_count;
+    size_t page;
+} M;
+
+static int prepare_group(guarded_copy *g) {
+    g->region = allocation_holding(g->original, g->original + g->bytes);
+    if (g->region) return 0;
+    if (map_region(&g->own, g->bytes)) return 1;
+    memcpy(g->own.data, (const void *)g->original, g->bytes);
+    g->region = &g->own;
+    return 0;
+}
+
+// Where an argument's bytes are during the launch.
+static uintptr_t launch_address(const guarded_copy *g, uintptr_t begin) {
+    return g->region == &g->own ? (uintptr_t)g->own.data + (begin - g->original) : begin;
 }
 
 // Replaces each array argument's slot by its guarded copy; arguments whose bytes overlap (one
@@ -555,18 +623,15 @@ static int memcheck_prepare(unsigned long long *slots, const gpumlp_argument_ext
         M.copy_of[i] = (int)(last - M.copies);
     }
     for (int c = 0; c < M.copy_count; ++c) {
-        if (map_guarded(&M.copies[c])) {
+        if (prepare_group(&M.copies[c])) {
             snprintf(S.message, S.message_size, "memcheck could not map a guarded copy of %zu bytes",
                      M.copies[c].bytes);
             M.copy_count = c;
             return 1;
         }
     }
-    for (int i = 0; i < count; ++i) {
-        if (M.copy_of[i] < 0) continue;
-        const guarded_copy *g = &M.copies[M.copy_of[i]];
-        slots[i] = (unsigned long long)(uintptr_t)(g->data + (M.begin[i] - g->original));
-    }
+    for (int i = 0; i < count; ++i)
+        if (M.copy_of[i] >= 0) slots[i] = launch_address(&M.copies[M.copy_of[i]], M.begin[i]);
     return 0;
 }
 
@@ -583,19 +648,20 @@ static void append_out_of_bounds(const char *access, int argument, long long off
 static int append_memcheck_fault(uintptr_t address) {
     for (int c = 0; c < M.copy_count; ++c) {
         const guarded_copy *g = &M.copies[c];
-        uintptr_t data_pages = (uintptr_t)g->mapping + LEADING_GUARD_PAGES * M.page;
-        uintptr_t data_end = data_pages + g->data_pages * M.page;
-        if (address < (uintptr_t)g->mapping || address >= (uintptr_t)g->mapping + g->mapped_bytes ||
+        const guarded_region *r = g->region;
+        uintptr_t data_pages = (uintptr_t)r->mapping + LEADING_GUARD_PAGES * M.page;
+        uintptr_t data_end = data_pages + r->data_pages * M.page;
+        if (address < (uintptr_t)r->mapping || address >= (uintptr_t)r->mapping + r->mapped_bytes ||
             (address >= data_pages && address < data_end))
             continue;
-        // past the end: the argument whose end is the copy's; before the start: the first one
+        // past the end: the argument of the group that ends last; before the start: the first one
         int named = g->argument;
         if (address >= data_end)
             for (int i = 0; i < M.argument_count; ++i)
-                if (M.copy_of[i] == c && M.begin[i] + M.extents[i].bytes == g->original + g->bytes) named = i;
-        uintptr_t argument_start = (uintptr_t)g->data + (M.begin[named] - g->original);
+                if (M.copy_of[i] == c && M.begin[i] + M.extents[i].bytes > M.begin[named] + M.extents[named].bytes)
+                    named = i;
         append_out_of_bounds(crash_write == 1 ? "write" : crash_write == 0 ? "read" : "access", named,
-                             (long long)(address - argument_start));
+                             (long long)(address - launch_address(g, M.begin[named])));
         return 1;
     }
     return 0;
@@ -608,21 +674,24 @@ static int memcheck_finish(int check) {
     int found = 0;
     for (int c = 0; c < M.copy_count; ++c) {
         guarded_copy *g = &M.copies[c];
-        if (g->writeable) {
-            memcpy((void *)g->original, g->data, g->bytes);
-        } else if (check && !found && memcmp((const void *)g->original, g->data, g->bytes)) {
+        const guarded_region *r = g->region;
+        if (r == &g->own && g->writeable) {
+            memcpy((void *)g->original, r->data, g->bytes);
+        } else if (r == &g->own && check && !found && memcmp((const void *)g->original, r->data, g->bytes)) {
             snprintf(S.message, S.message_size, "wrote to argument %s, a read-only numpy array (memcheck)",
                      M.extents[g->argument].description);
             found = 1;
         }
-        char *data_pages = g->mapping + LEADING_GUARD_PAGES * M.page;
-        for (char *byte = data_pages; check && !found && byte < g->data; ++byte) {
+        char *data_pages = r->mapping + LEADING_GUARD_PAGES * M.page;
+        for (char *byte = data_pages; check && !found && byte < r->data; ++byte) {
             if ((unsigned char)*byte == CANARY) continue;
             S.message[0] = 0;
-            append_out_of_bounds("write", g->argument, (long long)(byte - g->data));
+            append_out_of_bounds("write", g->argument,
+                                 (long long)((uintptr_t)byte - launch_address(g, M.begin[g->argument])));
             append(" (found after the launch; which thread wrote it is not known)");
             found = 1;
         }
+        if (r != &g->own) memset(data_pages, CANARY, r->data - data_pages);  // an allocation's, for its next launch
     }
     M.copy_count = 0;
     return found;
