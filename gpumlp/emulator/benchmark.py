@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpumlp.emulator import load_module
+from gpumlp.emulator import guarded_empty, load_module
 
 SOURCE = Path(__file__).with_name("benchmark.cu")
 
@@ -54,6 +54,7 @@ def measure() -> dict[str, float]:
     b = rng.standard_normal((784, 256)).astype(np.float32)
     c = np.zeros((64, 256), np.float32)
     wide = np.zeros((2000, 2500), np.float32)   # the largest weight matrix of the paper's nets
+    guarded = guarded_empty((2000, 2500))         # the same, allocated as EmulatedDevice allocates
     for label, checks in CHECKS.items():
         checked = load_module(SOURCE, **{**BARE, **checks})
         gemm, empty = checked.get_function("tiled_gemm"), checked.get_function("empty")
@@ -65,6 +66,8 @@ def measure() -> dict[str, float]:
         results[f"launch of an empty 1-thread kernel with one 4-byte array, {label} (us)"] = small * 1e6
         large = _best_seconds(lambda: empty(1, 1, (wide,)), 3)
         results[f"empty kernel with one 2000x2500 float array, {label} (us)"] = large * 1e6
+        in_place = _best_seconds(lambda: empty(1, 1, (guarded,)), 3)
+        results[f"the same, the array from EmulatedDevice, {label} (us)"] = in_place * 1e6
     return results
 
 
