@@ -3,8 +3,9 @@ it with CuPy's RawKernel call form, `kernel(grid, block, args, shared_mem=...)`,
 
 Each CUDA thread of a block runs as a fiber, so barriers and warp operations keep their meaning.
 Checks, set per Module (and changeable between launches):
-  * memcheck (on by default): every array argument is copied between guard pages for the launch;
-    an out-of-bounds read or write raises EmulatorError naming the kernel, argument and index.
+  * memcheck (on by default): every array argument lies between guard pages during the launch
+    (arrays from guarded_empty always do; others are copied there and back); an out-of-bounds
+    read or write raises EmulatorError naming the kernel, argument and index.
   * flush_to_zero (on by default): subnormal floats count as zero, as CuPy's -ftz=true compiles.
   * launch limits of a GPU: the kernel's __launch_bounds__, 1024 threads, block z <= 64, grid y
     and z <= 65535, static + dynamic shared memory <= 48 KiB without the opt-in attribute.
