@@ -362,6 +362,13 @@ def test_launch_bounds_allow_their_block_and_the_shared_memory_opt_in(bugs):
     y = np.ones(256, np.float32)
     kernel(2, 128, (y, np.float32(2), np.int32(256)))
     assert (y == 2).all()
+    # Without the bound the 256-thread launch that the bound refuses (test above) runs: only the
+    # check stands between the planted mismatch and a launch that would fail on a GPU.
+    unbounded = load_module_source((KERNELS / "sanitizer_bugs.cu").read_text().replace("__launch_bounds__(128) ", ""),
+                                   name="sanitizer_bugs_unbounded").get_function("bounded_scale")
+    assert unbounded.max_threads_per_block == 1024
+    unbounded(1, 256, (y, np.float32(2), np.int32(256)))
+    assert (y == 4).all()
     # the bound of the project's layer_forward_mv is on a separate declaration
     online = load_module(Path(__file__).resolve().parent.parent / "cuda_kernels" / "mlp_online.cu")
     assert online.get_function("layer_forward_mv").max_threads_per_block == 256
