@@ -168,22 +168,63 @@ class Graph:
 
 
 class EmulatedDevice(Device):
-    """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays."""
+    """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays.
+
+    The emulator's checks (gpumlp.emulator) are on as far as they cost little: memcheck (every
+    array argument between guard pages: the arrays this device allocates live there, others are
+    copied there for each launch; `memcheck=False` saves that in long training runs, never in
+    tests), flush_to_zero (as CuPy compiles), the GPU's launch limits, and initcheck:
+    `empty` returns NaN (floats) or 0xA5 bytes (other types), so a kernel that reads what nothing
+    wrote shows. poison_shared, reverse_threads, block_order and compare_block_orders are the
+    emulator's race finders (off by default)."""
 
     name = "CUDA emulator on the CPU"
     is_emulated = True
     xp = np
 
-    def __init__(self, poison_shared: bool = False, reverse_threads: bool = False):
+    # Every byte of what `empty` returns under initcheck, for arrays that are not floating point.
+    POISON_BYTE = 0xA5
+
+    def __init__(self, poison_shared: bool = False, reverse_threads: bool = False, memcheck: bool = True,
+                 initcheck: bool = True, flush_to_zero: bool = True, block_order: str = "launch",
+                 compare_block_orders: bool = False):
         super().__init__()
-        self.poison_shared = poison_shared
-        self.reverse_threads = reverse_threads
+        self.checks = dict(poison_shared=poison_shared, reverse_threads=reverse_threads, memcheck=memcheck,
+                           flush_to_zero=flush_to_zero, block_order=block_order,
+                           compare_block_orders=compare_block_orders)
+        self.initcheck = initcheck
 
     def _load_module(self, filename):
         from gpumlp import emulator
-        return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR],
-                                    poison_shared=self.poison_shared,
-                                    reverse_threads=self.reverse_threads)
+        return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR], **self.checks)
+
+    def _allocate(self, shape, dtype) -> np.ndarray:
+        """Under memcheck, in a guarded region of its own, which memcheck checks without copying."""
+        if not self.checks["memcheck"]:
+            return np.empty(shape, dtype=dtype)
+        from gpumlp.emulator import guarded_empty
+        return guarded_empty(shape, dtype)
+
+    def asarray(self, host_array, dtype=None):
+        """A copy, as an upload to a GPU is."""
+        host_array = np.asarray(host_array, dtype=dtype)
+        array = self._allocate(host_array.shape, host_array.dtype)
+        np.copyto(array, host_array)
+        return array
+
+    def zeros(self, shape, dtype=np.float32):
+        array = self._allocate(shape, dtype)
+        array.fill(0)
+        return array
+
+    def empty(self, shape, dtype=np.float32):
+        array = self._allocate(shape, dtype)
+        if self.initcheck:
+            if array.dtype.kind in "fc":
+                array.fill(np.nan)
+            else:
+                array.view(np.uint8).fill(self.POISON_BYTE)
+        return array
 
     @contextmanager
     def capture(self):

@@ -6,18 +6,52 @@ import numpy as np
 from gpumlp.tolerances import compare, first_difference
 
 
-def assert_close(actual, ref, atol: float, rtol: float, what: str) -> float:
+# The unit roundoff of float32 (half an ulp of 1): one rounding errs by at most U * |result|.
+U = 2.0 ** -24
+
+
+def sum_tolerance(abs_terms_sum, n_terms: int, c: float = 2.0) -> np.ndarray:
+    """The atol of each element of an n-term float32 sum that the kernel and numpy add in different
+    orders: c * sqrt(n) * U * sum|terms|. Each of the n roundings errs by at most U |partial sum|
+    <= U sum|terms|; independent errors add like a random walk (sqrt(n), where the worst case is n),
+    and there are two implementations. `abs_terms_sum` (any shape) is sum|terms| per element,
+    computed in float64 (e.g. |X| @ |W|^T + |b|)."""
+    return c * np.sqrt(n_terms) * U * np.asarray(abs_terms_sum, np.float64)
+
+
+def flush_subnormals(values) -> np.ndarray:
+    """float32 values as CUDA's -ftz=true sees them (x86 FTZ + DAZ alike): a subnormal becomes a
+    zero of the same sign."""
+    values = np.asarray(values, np.float32)
+    return np.where(np.abs(values) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), values), values)
+
+
+def flushed(operation):
+    """`operation` (a numpy float32 ufunc such as np.multiply) with its operands and its result
+    flushed as a -ftz=true instruction flushes them."""
+    def run(*operands):
+        return flush_subnormals(operation(*(flush_subnormals(o) for o in operands)))
+    return run
+
+
+def assert_close(actual, ref, atol, rtol: float, what: str) -> float:
     """Assert |actual - ref| <= atol + rtol |ref| elementwise (NaN anywhere fails); return the max
-    absolute error. On failure the message names the worst element (largest error relative to
-    its bound), its index, both values and how many elements are out of bounds."""
+    absolute error. `atol` is a number or an array of the shape (e.g. from sum_tolerance). On
+    failure the message names the worst element (largest error relative to its bound), its index,
+    both values and how many elements are out of bounds."""
     result = compare(actual, ref, atol, rtol)
     if result.mismatch:
         raise AssertionError(f"{what}: {result.mismatch}")
     if not result.ok:
         raise AssertionError(
-            f"{what}: {result.bad} of {result.size} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|; "
+            f"{what}: {result.bad} of {result.size} elements exceed atol={_describe(atol)} + rtol={rtol:g}*|ref|; "
             f"{result.worst}; max abs error {result.max_error:.3g}")
     return result.max_error
+
+
+def _describe(atol) -> str:
+    atol = np.asarray(atol)
+    return f"{float(atol):g}" if atol.ndim == 0 else f"(per element, {atol.min():.3g} to {atol.max():.3g})"
 
 
 def assert_bitwise_equal(actual, ref, what: str) -> None:

@@ -24,8 +24,11 @@ ATOL, RTOL = DEFORM["atol"], DEFORM["rtol"]   # gpumlp/tolerances.py, shared wit
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
-    # shared memory filled with NaN and threads run last to first: a missing barrier shows
-    "poison+reverse": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True),
+    # shared memory filled with NaN and threads run last to first: a missing barrier shows; every
+    # launch also runs with its blocks in reverse and in a seeded random order, and the results of
+    # the three orders must agree bit for bit
+    "poison+reverse+block-orders": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True,
+                                                          compare_block_orders=True),
 }
 
 
