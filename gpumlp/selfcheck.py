@@ -109,13 +109,21 @@ def _uniform(rng, shape, scale=1.0):
 
 # -- the kernels -------------------------------------------------------------------------------------
 def check_online(ch: Checker, rng, s: Shapes) -> None:
-    """mlp_online.cu: layer_forward_mv, backward_update_partial (momentum), backward_reduce."""
+    """mlp_online.cu: layer_forward_mv(_gather), backward_update_partial (momentum), backward_reduce."""
     d, shape = ch.device, f"W {s.n_out}x{s.n_in}"
     W, b = _layer(rng, s.n_out, s.n_in)
     x = _uniform(rng, s.n_in)
     y = ch.unwritten(s.n_out)
     ops_mlp.layer_forward_mv(d, ch.up(W), ch.up(b), ch.up(x), y, activate=True)
     ch.close("layer_forward_mv", shape, ch.down(y), R.layer_forward_ref(W, b, x[None], True)[0], FORWARD)
+    images, labels = _uniform(rng, (3, s.n_in)), np.arange(3, dtype=np.int32)
+    order, X, label = np.array([2, 0, 1], np.int32), ch.unwritten(s.n_in), ch.unwritten(1, np.int32)
+    ops_mlp.layer_forward_mv_gather(d, ch.up(W), ch.up(b), ch.up(images), ch.up(labels), ch.up(order),
+                                    ch.up(np.array([1], np.int32)), X, label, y, activate=True)
+    ref_X, ref_label, ref_y = R.layer_forward_mv_gather_ref(W, b, images, labels, order, 1, True)
+    ch.close("layer_forward_mv_gather", shape, ch.down(y), ref_y, FORWARD)
+    ch.exact("layer_forward_mv_gather", f"{shape} gathered image, label", _flat(ch.down(X), ch.down(label).astype(np.float32)),
+             _flat(ref_X, np.float32(ref_label)))
 
     delta_out = _uniform(rng, s.n_out, 0.5)
     x = _uniform(rng, s.n_in, 1.7)     # the outputs of a scaled-tanh layer, for f'(x) too
@@ -162,12 +170,13 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
 
 
 def check_step_kernels(ch: Checker, rng, s: Shapes) -> None:
-    """train_step.cu: softmax_xent, gather_batch, finish_step."""
+    """train_step.cu: softmax_xent (with the step's totals), gather_batch."""
     d, B, C = ch.device, s.batch, 10
     logits = _uniform(rng, (B, C), 8.0)
     labels = rng.integers(0, C, B).astype(np.int32)
     outs = [ch.unwritten((B, C)), ch.unwritten(B), ch.unwritten(B, np.int32), ch.unwritten(B, np.int32)]
-    ops_mlp.softmax_xent(d, ch.up(logits), ch.up(labels), *outs)
+    totals = [ch.up(np.array([1.25])), ch.up(np.array([3], np.int32)), ch.up(np.array([40], np.int32))]
+    ops_mlp.softmax_xent(d, ch.up(logits), ch.up(labels), *outs, *totals)
     delta, loss, wrong, prediction = map(ch.down, outs)
     ref = R.softmax_xent_ref(logits, labels)
     ch.close("softmax_xent", f"{B}x{C} delta, loss", _flat(delta, loss), _flat(ref["delta"], ref["loss"]), SOFTMAX)
@@ -185,12 +194,8 @@ def check_step_kernels(ch: Checker, rng, s: Shapes) -> None:
     ch.exact("gather_batch", f"{B}x{features}", _flat(ch.down(X), ch.down(labels_out).astype(np.float32)),
              _flat(ref_X, ref_labels.astype(np.float32)))
 
-    step_loss = rng.uniform(0, 3, B).astype(np.float32)
-    step_wrong = rng.integers(0, 2, B).astype(np.int32)
-    totals = [ch.up(np.array([1.25])), ch.up(np.array([3], np.int32)), ch.up(np.array([40], np.int32))]
-    ops_mlp.finish_step(d, ch.up(step_loss), ch.up(step_wrong), *totals)
-    total, errors, moved = R.finish_step_ref(step_loss, step_wrong, 1.25, 3, 40)
-    ch.exact("finish_step", f"B={B}", _flat(*map(ch.down, totals)).astype(np.float64),
+    total, errors, moved = R.finish_step_ref(loss, wrong, 1.25, 3, 40)   # the step's bookkeeping, fused in
+    ch.exact("softmax_xent", f"B={B} totals, cursor", _flat(*map(ch.down, totals)).astype(np.float64),
              np.array([total, errors, moved], np.float64))
 
 
