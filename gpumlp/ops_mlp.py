@@ -11,7 +11,7 @@ A training step (the trainer composes it; see tests/test_mlp_kernels.py for the 
   errors and advances the cursor) -> backward_update for each layer, top first.
 With B = 1 the first layer is layer_forward_mv_gather (the gather fused in), the others
 layer_forward_mv, and backward_update is backward_update_partial (+ backward_reduce except for
-the first layer): 2 L launches for L layers (net 4: 12 + 1 + 5 = 18 where gather_batch and
+the first layer): 3 L launches for L layers (net 4: 6 + 1 + 6 + 5 = 18, where gather_batch and
 finish_step made it 20). With B > 1: gather_batch, then the GEMM kernels.
 """
 from __future__ import annotations
