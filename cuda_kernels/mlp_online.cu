@@ -1,7 +1,8 @@
 // Online (batch size 1) kernels of the MLP: matrix-vector forward, and the backward pass fused with
 // the SGD update so that each weight matrix is streamed through the GPU once per sample.
 // Reference: gpumlp/reference.py (layer_forward_ref, layer_forward_mv_gather_ref,
-// backward_update_partial_ref, backward_reduce_ref). Layout everywhere: W is (n_out, n_in) row-major, vectors are contiguous.
+// backward_update_partial_ref, backward_reduce_ref). Layout everywhere: W is (n_out, n_in)
+// row-major, vectors are contiguous.
 //
 // Determinism: no atomics; every sum runs in an order fixed by the launch shape only, so the same
 // inputs give the same bits on every run. Sums use explicit fmaf; the single-rounding steps that
@@ -44,7 +45,8 @@
 #define MV_UNROLL 16
 
 // Threads per block of layer_forward_mv (ops_mlp.MV_THREADS), also its __launch_bounds__: the
-// bound (<= 64 registers, 4 blocks per SM; the grids need at most ~2.4) is what lets ptxas issue
+// bound (<= 64 registers, 4 blocks per SM; the grids need at most ~2.8, net 4's 1500 x 2000
+// layer on 375 blocks with 2 warps per row; sm_90 takes 56) is what lets ptxas issue
 // all 2 x MV_UNROLL loads of an iteration before the first fmaf. Without it ptxas keeps ~30
 // registers and starts the fmafs after ~6 loads of W, which is no better than the old
 // one-load-per-step loop that it software-pipelined to ~7 loads in flight.
@@ -67,7 +69,8 @@
 // The summation order, which is what fixes the bits (the same for every warps_per_row):
 //   * each iteration covers j = j0 + 32 k, k < MV_UNROLL (j0 = lane, lane + 32 MV_UNROLL, ...);
 //     element k goes into accumulator k % 4 by fmaf, in increasing k (past n_in a load is skipped
-//     and reads as 0, and fmaf(0, 0, s) is s or +0 either way: the same op sequence for any split);
+//     and reads as 0; fmaf(0, 0, s) is s, but for -0, and each accumulator runs these same
+//     operations for any split);
 //   * accumulator m belongs to part m / (4 / warps_per_row): a part loads only the elements of
 //     its accumulators and runs exactly the fmaf chain those accumulators run with one warp;
 //   * the parts leave their accumulators in shared memory; part 0 combines the four as
