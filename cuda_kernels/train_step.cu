@@ -1,12 +1,12 @@
-// Kernels that frame a training step, shared by the online (B = 1) and minibatch paths: the
-// softmax/cross-entropy head with the step's bookkeeping, and the gather of the next samples of
-// the epoch (minibatches; online, layer_forward_mv_gather in mlp_online.cu does it). Reference:
-// gpumlp/reference.py (softmax_xent_ref with finish_step_ref, gather_batch_ref).
+// The kernel that closes the forward half of a training step, shared by the online (B = 1) and
+// minibatch paths: the softmax/cross-entropy head with the step's bookkeeping. Reference:
+// gpumlp/reference.py (softmax_xent_ref, and finish_step_ref for the totals).
 //
-// The position in the epoch lives in a device int, `cursor`: the gather (gather_batch or
-// layer_forward_mv_gather, first in the step) reads it and softmax_xent advances it; nothing
-// after softmax_xent in a step reads it, so a CUDA graph captured once for K steps replays
-// unchanged for every chunk of K steps of the epoch. No atomics: bit-repeatable.
+// The position in the epoch lives in a device int, `cursor`: the first layer's forward kernel
+// (layer_forward_mv_gather or layer_forward_gemm_gather, which gather their samples themselves)
+// reads it and softmax_xent advances it; nothing after softmax_xent in a step reads it, so a CUDA
+// graph captured once for K steps replays unchanged for every chunk of K steps of the epoch. No
+// atomics: bit-repeatable.
 
 #define FULL_MASK 0xffffffffu
 
@@ -99,35 +99,5 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ logits,
         loss_total[0] = sum;
         wrong_total[0] = errors;
         cursor[0] += n_rows;
-    }
-}
-
-// gather_batch: X[r] = images[order[*cursor + r]], labels_out[r] = labels[order[*cursor + r]]
-// for r < B.
-//   images (n_samples, n_features), labels (n_samples,), order (n_samples,) this epoch's
-//   permutation, cursor (1,) the position in the epoch, X (B, n_features), labels_out (B,).
-// One block per row r (grid-stride over r, so any grid works); its threads copy the image with
-// consecutive threads on consecutive floats. Rows past the end of the epoch are left untouched
-// (the trainer sizes its last step so that never happens).
-extern "C" __global__ void gather_batch(const float* __restrict__ images,
-                                        const int* __restrict__ labels,
-                                        const int* __restrict__ order,
-                                        const int* __restrict__ cursor,
-                                        float* __restrict__ X,
-                                        int* __restrict__ labels_out,
-                                        int batch, int n_features, int n_samples)
-{
-    const int start = cursor[0];
-    for (int r = blockIdx.x; r < batch; r += gridDim.x) {
-        const int position = start + r;
-        if (position < 0 || position >= n_samples)
-            continue;   // same for the whole block
-        const int sample = order[position];
-        const float* src = images + (size_t)sample * n_features;
-        float* dst = X + (size_t)r * n_features;
-        for (int p = threadIdx.x; p < n_features; p += blockDim.x)
-            dst[p] = src[p];
-        if (threadIdx.x == 0)
-            labels_out[r] = labels[sample];
     }
 }

@@ -99,6 +99,15 @@ def _layer_forward_gemm(p) -> Cost:
                 2 * batch * n_out * n_in + epilogue * batch * n_out, f"{batch}x{n_in} . W {n_out}x{n_in}")
 
 
+@cost_model("layer_forward_gemm_gather")
+def _layer_forward_gemm_gather(p) -> Cost:
+    forward = _layer_forward_gemm(p)
+    batch, n_in = int(p["batch"]), int(p["n_in"])
+    # and the gather: read the cursor, B order entries and labels; write the batch's copy and its
+    # labels (the gathered images themselves are the X that layer_forward_gemm reads)
+    return Cost(forward.bytes + F32 * (1 + 2 * batch + batch * n_in + batch), forward.flops, forward.shape)
+
+
 @cost_model("backprop_delta_gemm")
 def _backprop_delta_gemm(p) -> Cost:
     batch, n_out, n_in = int(p["batch"]), int(p["n_out"]), int(p["n_in"])
@@ -127,13 +136,6 @@ def _softmax_xent(p) -> Cost:
     # sub); per row: log and two subs, and its loss added to the double total.
     return Cost(F32 * (2 * rows * classes + 4 * rows) + 2 * (8 + F32 + F32), 7 * rows * classes + 4 * rows,
                 f"{rows}x{classes}")
-
-
-@cost_model("gather_batch")
-def _gather_batch(p) -> Cost:
-    batch, features = int(p["batch"]), int(p["n_features"])
-    # read the cursor, B order entries, B images and labels; write B images and labels
-    return Cost(F32 * (1 + batch + 2 * batch * features + 2 * batch), 0, f"{batch}x{features}")
 
 
 SIDE = 29

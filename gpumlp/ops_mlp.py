@@ -1,6 +1,6 @@
 """Typed launchers of the network kernels: cuda_kernels/mlp_online.cu (batch size 1),
-cuda_kernels/mlp_batch.cu (minibatches, evaluation) and cuda_kernels/train_step.cu (softmax head,
-gather, bookkeeping). References: gpumlp/reference.py.
+cuda_kernels/mlp_batch.cu (minibatches, evaluation) and cuda_kernels/train_step.cu (softmax head
+and bookkeeping). References: gpumlp/reference.py.
 
 Each launcher checks shapes and dtypes, computes grid and block, and wraps every scalar as
 np.int32 / np.float32 so its C type is right on both devices. Arrays are device arrays of the
@@ -12,7 +12,7 @@ A training step (the trainer composes it; see tests/test_mlp_kernels.py for the 
 With B = 1 the first layer is layer_forward_mv_gather (the gather fused in), the others
 layer_forward_mv, and backward_update is backward_update_partial (+ backward_reduce except for
 the first layer): 3 L launches for L layers (net 4: 6 + 1 + 6 + 5 = 18, where gather_batch and
-finish_step made it 20). With B > 1: gather_batch, then the GEMM kernels.
+finish_step made it 20). With B > 1 they are the GEMM kernels, the first layer_forward_gemm_gather.
 """
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ MV_TARGET_WARPS = 2000  # layer_forward_mv shares rows among warps until a layer
 REDUCE_COLUMNS = 32    # mlp_online.cu BR_COLUMNS x BR_LOADERS: backward_reduce's 2-D block
 REDUCE_LOADERS = 8
 SOFTMAX_THREADS = 128  # 4 warps, one block (softmax_xent adds up the step's totals in order)
-GATHER_THREADS = 256   # 841 floats per image: 4 per thread
-MAX_GRID = 65535
 
 
 def _blocks(n: int, per_block: int) -> int:
@@ -202,6 +200,32 @@ def layer_forward_gemm(device, W, b, X, Y, activate: bool) -> None:
                   (X, W, b, Y, np.int32(batch), np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
 
 
+def layer_forward_gemm_gather(device, W, b, images, labels, order, cursor, X, labels_out, Y, activate: bool) -> None:
+    """The first layer of a minibatch step with its gather: rows r < B of X are
+    images[order[cursor + r]] (the cursor read ON THE DEVICE at run time), labels_out their
+    labels, Y = act(X W^T + b) as layer_forward_gemm computes it.
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,) int32, order (N,) int32,
+    cursor (1,) int32, X (B, n_in), labels_out (B,) int32, Y (B, n_out)."""
+    name = "layer_forward_gemm_gather"
+    n_out, n_in = (int(s) for s in W.shape)
+    n_samples, batch = int(images.shape[0]), int(X.shape[0])
+    check_array(name, "W", W, (n_out, n_in))
+    check_array(name, "b", b, (n_out,))
+    check_array(name, "images", images, (n_samples, n_in))
+    check_array(name, "labels", labels, (n_samples,), np.int32)
+    check_array(name, "order", order, (n_samples,), np.int32)
+    check_array(name, "cursor", cursor, 1, np.int32)
+    check_array(name, "X", X, (batch, n_in))
+    check_array(name, "labels_out", labels_out, (batch,), np.int32)
+    check_array(name, "Y", Y, (batch, n_out))
+    if batch == 0:
+        return
+    kernel = device.kernel(BATCH, name)
+    device.launch(kernel, (_blocks(n_out, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
+                  (W, b, images, labels, order, cursor, X, labels_out, Y, np.int32(batch), np.int32(n_out),
+                   np.int32(n_in), np.int32(bool(activate)), np.int32(n_samples)))
+
+
 def backprop_delta_gemm(device, W, delta_out, y_in, delta_in) -> None:
     """delta_in (B, n_in) = (delta_out (B, n_out) W) * f'(y_in (B, n_in)), W (n_out, n_in) not yet
     updated: launch before sgd_update_gemm of the same layer."""
@@ -260,27 +284,6 @@ def softmax_xent(device, logits, labels, delta, loss, wrong, prediction, loss_to
                    np.int32(batch), np.int32(n_classes)))
 
 
-def gather_batch(device, images, labels, order, cursor, X, labels_out, batch: int) -> None:
-    """X[r] = images[order[cursor + r]], labels_out[r] = labels[order[cursor + r]] for r < batch,
-    the cursor read ON THE DEVICE at run time (so a captured graph replays for every chunk).
-    images (N, n_features), labels (N,) int32, order (N,) int32, cursor (1,) int32,
-    X (batch, n_features), labels_out (batch,) int32."""
-    n_samples, n_features = (int(s) for s in images.shape)
-    batch = int(batch)
-    check_array("gather_batch", "images", images, (n_samples, n_features))
-    check_array("gather_batch", "labels", labels, (n_samples,), np.int32)
-    check_array("gather_batch", "order", order, (n_samples,), np.int32)
-    check_array("gather_batch", "cursor", cursor, 1, np.int32)
-    check_array("gather_batch", "X", X, (batch, n_features))
-    check_array("gather_batch", "labels_out", labels_out, (batch,), np.int32)
-    if batch == 0:
-        return
-    kernel = device.kernel(STEP, "gather_batch")
-    device.launch(kernel, (min(batch, MAX_GRID),), (GATHER_THREADS,),
-                  (images, labels, order, cursor, X, labels_out,
-                   np.int32(batch), np.int32(n_features), np.int32(n_samples)))
-
-
 # ---- dispatch on the batch size (what the trainer calls) ---------------------------------------
 
 def layer_forward(device, W, b, x, y, activate: bool) -> None:
@@ -310,8 +313,8 @@ def backward_update(device, W, b, delta_out, x, delta_below, partial, hyper: Hyp
 
 
 KERNELS = {ONLINE: ("layer_forward_mv", "layer_forward_mv_gather", "backward_update_partial", "backward_reduce"),
-           BATCH: ("layer_forward_gemm", "backprop_delta_gemm", "sgd_update_gemm"),
-           STEP: ("softmax_xent", "gather_batch")}
+           BATCH: ("layer_forward_gemm", "layer_forward_gemm_gather", "backprop_delta_gemm", "sgd_update_gemm"),
+           STEP: ("softmax_xent",)}
 
 
 def preload(device) -> None:

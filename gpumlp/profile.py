@@ -332,7 +332,7 @@ class Timer:
 
 def time_launches(device, trainer, launches, rows: list[Row], info: GpuInfo, timer: Timer) -> None:
     """Fill the timing columns, launching each recorded launch again through the device. The epoch cursor goes back to 0 before every repeat: softmax_xent
-    advances it, and the gathers (gather_batch, layer_forward_mv_gather) do nothing past the end of the epoch."""
+    advances it, and the first layer's gathers (layer_forward_mv_gather, layer_forward_gemm_gather) load nothing past the end of the epoch."""
     reset = lambda: trainer.cursor.fill(0)  # noqa: E731
     for launch, row in zip(launches, rows):
         run = lambda launch=launch: device.launch(launch.handle, launch.grid, launch.block,  # noqa: E731

@@ -134,6 +134,17 @@ def layer_forward_mv_gather_ref(W, b, images, labels, order, cursor: int, activa
     return X[0], int(label[0]), layer_forward_ref(W, b, X, activate)[0]
 
 
+def layer_forward_gemm_gather_ref(W, b, images, labels, order, cursor: int, batch: int, activate: bool = True):
+    """The first layer of a minibatch step with its gather (a composition of gather_batch_ref and
+    layer_forward_ref): the `batch` samples from position `cursor` of the epoch and the layer's
+    output on them.
+
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,), order (N,) a permutation ->
+    X (batch, n_in), labels (batch,) int32, Y (batch, n_out)."""
+    X, picked_labels = gather_batch_ref(images, labels, order, cursor, batch)
+    return X, picked_labels, layer_forward_ref(W, b, X, activate)
+
+
 def gather_batch_ref(images: np.ndarray, labels: np.ndarray, order: np.ndarray, cursor: int, batch: int):
     """The next `batch` samples of the epoch: rows order[cursor : cursor + batch].
 

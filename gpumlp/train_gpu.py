@@ -105,23 +105,19 @@ class DeviceTrainer:
 
     # -- training --------------------------------------------------------------------------------
     def launch_step(self, B: int) -> None:
-        """The launch sequence of one training step on the next B samples of the epoch: online,
-        the first forward kernel gathers its sample itself; softmax_xent adds up the step's loss
-        and errors and advances the cursor (nothing after it reads the cursor)."""
+        """The launch sequence of one training step on the next B samples of the epoch: the first
+        forward kernel gathers its samples itself; softmax_xent adds up the step's loss and errors
+        and advances the cursor (nothing after it reads the cursor)."""
         d, buf = self.device, self.buffers[B]
         inputs = [buf["x"], *buf["activations"][:-1]]
         last = len(self.params) - 1
         for layer, (W, b) in enumerate(self.params):
             if layer:
                 ops_mlp.layer_forward(d, W, b, inputs[layer], buf["activations"][layer], activate=layer < last)
-            elif B == 1:
-                ops_mlp.layer_forward_mv_gather(d, W, b, self.epoch_images, self.train_labels, self.order,
-                                                self.cursor, buf["x"], buf["labels"], buf["activations"][0],
-                                                activate=layer < last)
             else:
-                ops_mlp.gather_batch(d, self.epoch_images, self.train_labels, self.order, self.cursor,
-                                     buf["x"], buf["labels"], B)
-                ops_mlp.layer_forward(d, W, b, buf["x"], buf["activations"][0], activate=layer < last)
+                gather_forward = ops_mlp.layer_forward_mv_gather if B == 1 else ops_mlp.layer_forward_gemm_gather
+                gather_forward(d, W, b, self.epoch_images, self.train_labels, self.order, self.cursor, buf["x"],
+                               buf["labels"], buf["activations"][0], activate=layer < last)
         ops_mlp.softmax_xent(d, buf["activations"][-1], buf["labels"], buf["deltas"][-1],
                              buf["loss"], buf["wrong"], buf["prediction"], self.loss_total, self.wrong_total,
                              self.cursor)

@@ -243,6 +243,31 @@ def test_layer_forward_gemm(device, batch, n_out, n_in, activate):
                  what=f"layer_forward_gemm B={batch} {n_out}x{n_in} activate={activate}")
 
 
+@pytest.mark.parametrize("cursor, batch, n_out", [(0, 1, 10), (5, 7, 33), (3, 16, 70), (19, 1, 10), (15, 8, 10)])
+def test_layer_forward_gemm_gather(device, cursor, batch, n_out):
+    """The fused gather of a minibatch: X and the labels bit for bit (rows past the end of the
+    epoch, as at cursor 15 of 20 with B = 8, left untouched), Y within FORWARD of
+    layer_forward_gemm_gather_ref and bit for bit what layer_forward_gemm computes on the batch."""
+    rng = rng_for("gemm-gather", cursor, batch, n_out)
+    n, n_in = 20, 841
+    W, b = layer(rng, n_out, n_in)
+    images = uniform(rng, (n, n_in))
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    X, labels_out, Y = nan_like((batch, n_in)), nan_like(batch, np.int32), nan_like((batch, n_out))
+    ops_mlp.layer_forward_gemm_gather(device, W, b, images, labels, order, np.array([cursor], np.int32), X,
+                                      labels_out, Y, activate=True)
+    ref_X, ref_labels, ref_Y = R.layer_forward_gemm_gather_ref(W, b, images, labels, order, cursor, batch, True)
+    valid = len(ref_labels)
+    assert_bitwise_equal(X[:valid], ref_X, "gathered images")
+    np.testing.assert_array_equal(labels_out[:valid], ref_labels)
+    assert np.isnan(X[valid:]).all() and (labels_out[valid:] == -7).all()
+    assert_close(Y[:valid], ref_Y, **FORWARD, what=f"layer_forward_gemm_gather B={batch} {n_out}x{n_in}")
+    plain = nan_like((valid, n_out))
+    ops_mlp.layer_forward_gemm(device, W, b, ref_X, plain, True)
+    assert_bitwise_equal(Y[:valid], plain, "layer_forward_gemm_gather vs layer_forward_gemm")
+
+
 @pytest.mark.parametrize("batch, n_out, n_in", BATCH_CASES)
 def test_backprop_delta_gemm(device, batch, n_out, n_in):
     rng = rng_for("bp", batch, n_out, n_in)
@@ -300,23 +325,6 @@ def test_softmax_xent(device, batch, n_classes):
     assert_close(outs["loss"], ref["loss"], **SOFTMAX, what=f"softmax_xent.loss {what}")
     np.testing.assert_array_equal(outs["prediction"], ref["prediction"], err_msg=f"{what} prediction")
     np.testing.assert_array_equal(outs["wrong"], ref["wrong"], err_msg=f"{what} wrong")
-
-
-@pytest.mark.parametrize("cursor, batch", [(0, 1), (5, 7), (19, 1), (3, 16)])
-def test_gather_batch(device, cursor, batch):
-    rng = rng_for("gather", cursor, batch)
-    n, features = 20, 841
-    images = uniform(rng, (n, features))
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    order = rng.permutation(n).astype(np.int32)
-    X = nan_like((batch, features))
-    labels_out = nan_like(batch, np.int32)
-    ops_mlp.gather_batch(device, images, labels, order, np.array([cursor], np.int32), X, labels_out, batch)
-    ref_X, ref_labels = R.gather_batch_ref(images, labels, order, cursor, batch)
-    valid = len(ref_labels)          # rows past the end of the epoch are left untouched
-    assert_bitwise_equal(X[:valid], ref_X, "gathered images")
-    np.testing.assert_array_equal(labels_out[:valid], ref_labels)
-    assert np.isnan(X[valid:]).all() and (labels_out[valid:] == -7).all()
 
 
 def test_softmax_xent_accumulates_the_totals_over_steps(device):
@@ -381,13 +389,12 @@ class DeviceNet:
         inputs = [self.x, *self.activations[:-1]]
         last = len(self.params) - 1
         for layer, (W, b) in enumerate(self.params):
-            if layer == 0 and self.batch == 1:   # the online step gathers in its first forward kernel
-                ops_mlp.layer_forward_mv_gather(d, W, b, self.images, self.labels, self.order, self.cursor,
-                                                self.x, self.y, self.activations[0], activate=True)
+            if layer == 0:   # the first forward kernel gathers the step's samples itself
+                gather_forward = (ops_mlp.layer_forward_mv_gather if self.batch == 1
+                                  else ops_mlp.layer_forward_gemm_gather)
+                gather_forward(d, W, b, self.images, self.labels, self.order, self.cursor, self.x, self.y,
+                               self.activations[0], activate=True)
                 continue
-            if layer == 0:
-                ops_mlp.gather_batch(d, self.images, self.labels, self.order, self.cursor, self.x, self.y,
-                                     self.batch)
             ops_mlp.layer_forward(d, W, b, inputs[layer], self.activations[layer], activate=layer < last)
         ops_mlp.softmax_xent(d, self.activations[-1], self.y, self.deltas[-1], self.loss, self.wrong,
                              self.prediction, self.loss_total, self.wrong_total, self.cursor)
