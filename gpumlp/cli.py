@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "emulate: the GPU code path on the CPU emulator (slow; for testing)")
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
+    run.add_argument("--threads", type=int, metavar="N", help="BLAS threads of the CPU path (default: "
+                     "chosen from the batch size and the cores; the header line says which)")
     run.add_argument("--out", help="run directory (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint "
                      "(its settings are kept; --epochs may extend it)")
@@ -109,6 +111,8 @@ def run(args, argv, log) -> int:
             config.epochs = args.epochs
         if any(a == "--device" or a.startswith("--device=") for a in argv):
             config.device = args.device
+        # the BLAS threads change the float32 sums: keep the ones the run started with
+        config.threads = config.threads or saved.get("blas_threads")
         validate(config)
     else:
         config = config_from_args(args)
@@ -123,9 +127,11 @@ def run(args, argv, log) -> int:
                         "weights": nets.count_weights(config.sizes), "code_version": code_version(),
                         "device": trainer.device_name, "command": ["reproduce_2010.py", *argv],
                         "train_images": len(split.train_labels), "val_images": len(split.val_labels),
-                        "test_images": len(split.test_labels)})
+                        "test_images": len(split.test_labels),
+                        "blas_threads": trainer.blas_threads if device is None else None})
+    threads = f", {trainer.threads_note}" if device is None else ""
     log(f"net {nets.describe(config.sizes)} ({nets.count_weights(config.sizes):,} weights), "
-        f"batch size {config.batch_size}, {config.epochs} epochs, on {trainer.device_name}")
+        f"batch size {config.batch_size}, {config.epochs} epochs, on {trainer.device_name}{threads}")
     log(f"run directory: {run_dir.path}")
 
     training = Run(config, split, trainer, run_dir, out=log)
@@ -152,6 +158,7 @@ def make_trainer(config: TrainConfig, split, device, log):
     if device is None:
         from gpumlp.train_cpu import CpuTrainer
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
-                          config.momentum, config.deform_config(), config.seed)
+                          config.momentum, config.deform_config(), config.seed,
+                          threads=config.threads, last_epoch=config.epochs)
     from gpumlp.train_gpu import DeviceTrainer
     return DeviceTrainer(device, params, split, config, log)

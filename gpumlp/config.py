@@ -38,6 +38,7 @@ class TrainConfig:
     out: str | None = None
     checkpoint_every: int = 10
     graph_steps: int = 0  # samples per captured CUDA graph; 0 picks a size from the data
+    threads: int | None = None  # BLAS threads on the CPU; None: chosen from batch size and cores
 
     @property
     def sizes(self) -> list[int]:
@@ -81,6 +82,7 @@ def validate(config: TrainConfig) -> None:
         (config.train_images is None or config.train_images >= 1, "--train-images must be at least 1"),
         (config.test_images is None or config.test_images >= 1, "--test-images must be at least 1"),
         (config.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (config.threads is None or config.threads >= 1, "--threads must be at least 1"),
         (config.sigma > 0, "--sigma must be positive"),
         (min(config.beta, config.beta_1_7, config.gamma, config.alpha) >= 0,
          "deformation amplitudes (--beta, --beta-1-7, --gamma, --alpha) must be non-negative"),

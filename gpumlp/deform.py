@@ -206,12 +206,14 @@ def resample_ref(images: np.ndarray, params: np.ndarray, fields: np.ndarray) -> 
     return out
 
 
-def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig):
+def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig, threads: int | None = None):
     """Deform every image with its own parameters and field for this (seed, epoch).
 
     images (N, 841) float32, labels (N,) int, indices (N,) int or None (= 0..N-1; the dataset
     index that keys the RNG, so a subset deforms exactly as within the full set) ->
-    (deformed (N, 841) float32, params (N, 4) float32)."""
+    (deformed (N, 841) float32, params (N, 4) float32). `threads` (default THREADS) work on
+    different chunks; the result does not depend on it."""
+    threads = THREADS if threads is None else threads
     images = np.asarray(images, dtype=F32)
     indices = _as_indices(indices, len(images))
     out = np.empty_like(images)
@@ -223,9 +225,9 @@ def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig):
         out[sl] = resample_ref(images[sl], params[sl], fields)
 
     starts = range(0, len(images), CHUNK)
-    if len(starts) > 1 and THREADS > 1:
+    if len(starts) > 1 and threads > 1:
         # numpy releases the GIL inside its array operations, so chunks overlap on several cores
-        with ThreadPoolExecutor(THREADS) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(chunk, starts))
     else:
         for start in starts:
