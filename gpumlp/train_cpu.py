@@ -71,12 +71,11 @@ class CpuTrainer:
         self._deformer = ThreadPoolExecutor(1, thread_name_prefix="deform")
         self._next_deformed: tuple[int, Future] | None = None
 
-    def _deform(self, epoch: int) -> np.ndarray:
+    def _deform(self, epoch: int, threads: int | None = None) -> np.ndarray:
         from gpumlp.deform import deform_images_ref
         indices = np.arange(len(self.train_images), dtype=np.int32)
-        # One thread: the worker runs beside the training, which has the other core(s).
         return deform_images_ref(self.train_images, self.train_labels, indices, self.seed, epoch,
-                                 self.deform_config, threads=1)[0]
+                                 self.deform_config, threads=threads)[0]
 
     def deformed_training_set(self, epoch: int) -> np.ndarray:
         """This epoch's deformed digits (prepared during the last epoch where it ran here), and the
@@ -86,10 +85,11 @@ class CpuTrainer:
         if self._next_deformed is not None and self._next_deformed[0] == epoch:
             images = self._next_deformed[1].result()
         else:
-            images = self._deform(epoch)
+            images = self._deform(epoch)               # nothing else runs: every core
         self._next_deformed = None
         if self.last_epoch is None or epoch < self.last_epoch:
-            self._next_deformed = (epoch + 1, self._deformer.submit(self._deform, epoch + 1))
+            # one thread: the worker runs beside the training, which keeps the other core(s)
+            self._next_deformed = (epoch + 1, self._deformer.submit(self._deform, epoch + 1, 1))
         return images
 
     def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
