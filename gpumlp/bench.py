@@ -31,6 +31,7 @@ from gpumlp import nets
 from gpumlp.commands import OneLineErrorParser, run_command
 from gpumlp.errors import UserError
 from gpumlp.reference import TANH_A, TANH_B
+from gpumlp.train_cpu import CpuTrainer, available_cores
 from gpumlp.training import epoch_order
 
 # The loss over a pass is a mean over hundreds of online steps; float32 rounding differences between
@@ -44,7 +45,8 @@ DEFAULT_IMAGES = {"cpu": 256, "cuda": 20000}
 TARGET_NET, TARGET_BATCH, TARGET_RATIO = 4, 1, 3.0
 EAGER = "PyTorch eager"
 # Variables that change the CPU figures (OPENBLAS_CORETYPE picks OpenBLAS's kernels for the CPU).
-THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+                      "OPENBLAS_L2_SIZE")
 
 
 class BenchError(UserError):
@@ -190,11 +192,11 @@ class TorchCudaGraph(TorchEager):
 # -- the gpumlp side -------------------------------------------------------------------------------
 class GpumlpCpu:
     def __init__(self, workload: Workload, batch_size: int):
-        from gpumlp.train_cpu import CpuTrainer
         self.workload = workload
+        # as many BLAS threads as PyTorch gets (cpu_threads), whatever the trainer would choose
         self.trainer = CpuTrainer(nets.init_params(workload.sizes, workload.seed), workload.images,
                                   workload.labels, batch_size, momentum=0.0, deform_config=None,
-                                  seed=workload.seed)
+                                  seed=workload.seed, threads=cpu_threads())
 
     def run_pass(self, order: np.ndarray) -> float:
         return self.trainer.train_epoch(1, self.workload.lr, order)[0]
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "$GPUMLP_DATA or ~/.cache/gpumlp, downloaded there when missing)")
     p.add_argument("--require-torch", action="store_true",
                    help="fail instead of reporting gpumlp alone when PyTorch is missing")
-    p.add_argument("--out", help="markdown file to write (default bench/results-<gpu or hostname>.md)")
+    p.add_argument("--out", help="markdown file to write (default results-<gpu or hostname>.md in the "
+                                 "current directory)")
     return p
 
 
@@ -336,10 +339,6 @@ def import_torch(require: bool, need_cuda: bool):
     if require:
         raise BenchError(f"--require-torch: {reason}")
     return None, reason
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def cpu_threads() -> int:
@@ -491,11 +490,11 @@ def run(args, argv) -> int:
     notes += target_note(args, device_kind, gpu_name, results)
     header = machine_lines(gpu_name, torch, torch_missing, load_at_start)
     report = markdown_report(argv, workload, results, header, notes)
-    out = Path(args.out) if args.out else Path("bench") / f"results-{slug(gpu_name or socket.gethostname())}.md"
+    out = Path(args.out) if args.out else Path(f"results-{slug(gpu_name or socket.gethostname())}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report, end="")
-    print(f"written to {out}", file=sys.stderr)
+    print(f"written to {out.resolve()}", file=sys.stderr)
     return 0 if losses_agree else EXIT_LOSSES_DISAGREE
 
 

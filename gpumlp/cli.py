@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-selfcheck", action="store_true",
                      help="on a GPU, train without first checking the kernels against the reference "
                           "(the quick part of python -m gpumlp.selfcheck, a few seconds)")
+    run.add_argument("--threads", type=int, metavar="N", help="BLAS threads of the CPU path (default: "
+                     "chosen from the batch size and the cores; the header line says which)")
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
     run.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
                      help="write checkpoint.npz every N epochs (and at the end, and on a stop)")
@@ -201,7 +203,8 @@ def run(args, argv, parser, transcript) -> int:
                                 "weights": nets.count_weights(config.sizes), "code_version": code_version(),
                                 "device": trainer.device_name, "command": ["reproduce_2010.py", *argv],
                                 "train_images": len(split.train_labels), "val_images": len(split.val_labels),
-                                "test_images": len(split.test_labels)}, trainer.get_state())
+                                "test_images": len(split.test_labels),
+                                "blas_threads": getattr(trainer, "blas_threads", None)}, trainer.get_state())
             transcript.attach(run_dir.log_path(), f"reproduce_2010.py {' '.join(argv)}")
             for name, value in header_facts(config, split, trainer, run_dir).items():
                 log(f"{name}: {value}")
@@ -245,6 +248,8 @@ def resumed_config(run_dir, args, given: set[str], parser) -> TrainConfig:
                         f"start a new run from this one's: --config {run_dir.path / 'config.json'}")
     saved = run_dir.load_config()
     config = TrainConfig.from_saved(saved["settings"], f"{run_dir.path}/config.json")
+    # the BLAS threads change the float32 sums on the CPU: keep the ones the run started with
+    config.threads = config.threads or saved.get("blas_threads")
     for name in RESUMABLE:
         if name in given:
             setattr(config, name, getattr(args, name))
@@ -283,6 +288,7 @@ def header_facts(config: TrainConfig, split, trainer, run_dir) -> dict:
                   f"{len(split.val_labels):,} validation ({validation}), {len(split.test_labels):,} test; "
                   f"from {config.data_dir}",
         "device": trainer.device_name,
+        "BLAS threads": getattr(trainer, "threads_note", "none used (the arithmetic runs on the device)"),
         "run directory": str(run_dir.path),
     }
 
@@ -327,6 +333,7 @@ def make_trainer(config: TrainConfig, split, device, log):
     if device is None:
         from gpumlp.train_cpu import CpuTrainer
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
-                          config.momentum, config.deform_config(), config.seed)
+                          config.momentum, config.deform_config(), config.seed,
+                          threads=config.threads, last_epoch=config.epochs)
     from gpumlp.train_gpu import DeviceTrainer
     return DeviceTrainer(device, params, split, config, log)

@@ -13,6 +13,8 @@ from gpumlp.nets import PAPER_NETS, layer_sizes
 # paper's 800 epochs and sits at the floor only for the last few dozen.
 DEFAULT_LR_DECAY = 0.991
 
+# Settings newer than some recorded runs: a run that lacks one ran with its default.
+ADDED_LATER = ("threads",)
 # Settings a resumed run may change: where the data is, where and how often it is saved, and what it
 # runs on (the result stays the same on one device). Every other setting is the run's identity.
 RESUMABLE = ("epochs", "data_dir", "device", "checkpoint_every", "checkpoint_minutes")
@@ -44,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     checkpoint_minutes: float = 10.0
     graph_steps: int = 0  # samples per captured CUDA graph; 0 picks a size from the data
+    threads: int | None = None  # BLAS threads on the CPU; None: chosen from batch size and cores
 
     @property
     def sizes(self) -> list[int]:
@@ -76,7 +79,8 @@ class TrainConfig:
         (those a resume may set, RESUMABLE, fall back to their defaults)."""
         if not isinstance(values, dict):
             raise ConfigError(f"{where} has no settings")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.name not in RESUMABLE]
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in values and f.name not in RESUMABLE + ADDED_LATER]
         if missing:
             raise ConfigError(f"{where} lacks the settings {', '.join(missing)}")
         config = cls.from_dict(values)
@@ -112,6 +116,7 @@ def validate(config: TrainConfig) -> None:
         (config.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
         (config.checkpoint_minutes > 0, "--checkpoint-minutes must be positive"),
         (config.graph_steps >= 0, "--graph-steps must be 0 (chosen automatically) or more"),
+        (config.threads is None or config.threads >= 1, "--threads must be at least 1"),
         (config.sigma > 0, "--sigma must be positive"),
         (min(config.beta, config.beta_1_7, config.gamma, config.alpha) >= 0,
          "deformation amplitudes (--beta, --beta-1-7, --gamma, --alpha) must be non-negative"),

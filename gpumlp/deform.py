@@ -30,8 +30,10 @@ distribution of sizes is the paper's either way). field = alpha * (Gaussian-smoo
 
 Smoothing: separable Gaussian with taps from `gaussian_taps(sigma)` (float32, radius ceil(3 sigma),
 normalised to sum 1), zero (constant) boundary: a field value outside the image counts as 0.
-Here it is done as two products with the 29 x 29 banded matrix G[i, j] = taps[j - i + R]; the
-kernel sums the same terms in ascending order, so the two differ only in float32 summation order.
+Horizontal pass first, then vertical; each smoothed value is a float32 sum that starts at 0 and
+adds the rounded products taps[k + R] * value[pos + k] for ascending k over the taps that fall
+inside the line, every operation rounded: the kernel's order exactly, so the field does not depend
+on how the images are chunked, on threads or on the BLAS.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ PIXELS = SIDE * SIDE
 CENTRE = np.float32(14.0)
 FIELD_BLOCKS = (2 * PIXELS + 3) // 4     # 421 Philox blocks hold the 1682 field values
 DEG2RAD = np.float32(math.pi / 180.0)
-CHUNK = 2048                             # images per pass: bounds the temporaries to ~20 MB
+CHUNK = 256                              # images per pass: the temporaries (~2 MB) stay in cache
 F32 = np.float32
 THREADS = min(4, os.cpu_count() or 1)
 
@@ -82,13 +84,22 @@ def gaussian_taps(sigma: float) -> np.ndarray:
     return (taps / taps.sum()).astype(F32)
 
 
-def smoothing_matrix(taps: np.ndarray) -> np.ndarray:
-    """(29, 29) float32 G with G[i, j] = taps[j - i + R] for |j - i| <= R, else 0 (zero boundary)."""
+def smooth_lines(lines: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """One Gaussian pass along the FIRST axis, in the documented fixed order.
+
+    lines (29, ...) float32, position along the line first (so that every step below is one
+    contiguous block), taps (2R+1,) float32 -> (29, ...) float32 with
+    out[p] = sum over ascending k with 0 <= p + k < 29 of taps[k + R] * lines[p + k]."""
     radius = (len(taps) - 1) // 2
-    i, j = np.meshgrid(np.arange(SIDE), np.arange(SIDE), indexing="ij")
-    offset = j - i + radius
-    inside = (offset >= 0) & (offset < len(taps))
-    return np.where(inside, taps[np.clip(offset, 0, len(taps) - 1)], 0).astype(F32)
+    out = np.zeros_like(lines)
+    term = np.empty_like(lines)
+    for k in range(-radius, radius + 1):
+        lo, hi = max(0, -k), min(SIDE, SIDE - k)     # the positions p whose tap k is inside
+        if lo >= hi:
+            continue
+        np.multiply(lines[lo + k:hi + k], taps[k + radius], out=term[lo:hi])
+        out[lo:hi] += term[lo:hi]
+    return out
 
 
 def _as_indices(indices, n: int) -> np.ndarray:
@@ -122,19 +133,19 @@ def displacement_fields_ref(seed, epoch, indices, cfg: DeformConfig) -> np.ndarr
     n = len(indices)
     if cfg.alpha == 0:
         return np.zeros((n, 2, SIDE, SIDE), dtype=F32)
-    G = smoothing_matrix(gaussian_taps(cfg.sigma))
+    taps = gaussian_taps(cfg.sigma)
     alpha = F32(cfg.alpha)
     out = np.empty((n, 2, SIDE, SIDE), dtype=F32)
     for start in range(0, n, CHUNK):
         idx = indices[start:start + CHUNK]
         m = len(idx)
         words = philox_blocks(seed, epoch, idx, np.arange(1, FIELD_BLOCKS + 1)).reshape(m, -1)
-        raw = uniform_pm1(words[:, :2 * PIXELS]).reshape(m, 2, SIDE, SIDE)
-        # horizontal pass: h[y, x] = sum_j raw[y, j] G[x, j]
-        h = (raw.reshape(-1, SIDE) @ G.T).reshape(m, 2, SIDE, SIDE)
-        # vertical pass on the transposed field: s[x, y] = sum_j h[j, x] G[y, j]
-        s = (np.ascontiguousarray(h.swapaxes(-1, -2)).reshape(-1, SIDE) @ G.T).reshape(m, 2, SIDE, SIDE)
-        out[start:start + m] = alpha * s.swapaxes(-1, -2)
+        raw = uniform_pm1(words[:, :2 * PIXELS]).reshape(m, 2, SIDE, SIDE)     # (m, 2, y, x)
+        # horizontal pass along x, lines laid out (x, m, 2, y)
+        h = smooth_lines(np.ascontiguousarray(raw.transpose(3, 0, 1, 2)), taps)
+        # vertical pass along y, lines laid out (y, m, 2, x)
+        v = smooth_lines(np.ascontiguousarray(h.transpose(3, 1, 2, 0)), taps)
+        np.multiply(v.transpose(1, 2, 0, 3), alpha, out=out[start:start + m])
     return out
 
 
@@ -195,12 +206,14 @@ def resample_ref(images: np.ndarray, params: np.ndarray, fields: np.ndarray) -> 
     return out
 
 
-def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig):
+def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig, threads: int | None = None):
     """Deform every image with its own parameters and field for this (seed, epoch).
 
     images (N, 841) float32, labels (N,) int, indices (N,) int or None (= 0..N-1; the dataset
     index that keys the RNG, so a subset deforms exactly as within the full set) ->
-    (deformed (N, 841) float32, params (N, 4) float32)."""
+    (deformed (N, 841) float32, params (N, 4) float32). `threads` (default THREADS) work on
+    different chunks; the result does not depend on it."""
+    threads = THREADS if threads is None else threads
     images = np.asarray(images, dtype=F32)
     indices = _as_indices(indices, len(images))
     out = np.empty_like(images)
@@ -212,9 +225,9 @@ def deform_images_ref(images, labels, indices, seed, epoch, cfg: DeformConfig):
         out[sl] = resample_ref(images[sl], params[sl], fields)
 
     starts = range(0, len(images), CHUNK)
-    if len(starts) > 1 and THREADS > 1:
+    if len(starts) > 1 and threads > 1:
         # numpy releases the GIL inside its array operations, so chunks overlap on several cores
-        with ThreadPoolExecutor(THREADS) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(chunk, starts))
     else:
         for start in starts:

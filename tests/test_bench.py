@@ -141,3 +141,12 @@ def test_gpu_bench_writes_all_three_rows(tmp_path):
     assert implementations == ["gpumlp (hand-written kernels, CUDA graphs)", bench.EAGER,
                                "PyTorch + CUDA graph (whole step)"] * 2
     assert report.count("(agree: the same recipe)") == 4
+
+
+def test_default_report_goes_to_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(TINY) == 0
+    written = list(tmp_path.rglob("*.md"))
+    assert [p.parent for p in written] == [tmp_path] and written[0].name.startswith("results-")
+    assert f"written to {written[0]}" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from gpumlp.deform import (FIELD_BLOCKS, PIXELS, DeformConfig, affine_matrices, deform_images_ref,
                            deformation_params_ref, displacement_fields_ref, gaussian_taps,
-                           resample_ref, smoothing_matrix)
+                           resample_ref, smooth_lines)
 from gpumlp.philox import philox_blocks, uniform_pm1
 from helpers import assert_bitwise_equal, assert_close, synthetic_digits
 
@@ -132,7 +132,7 @@ def test_fields_are_smoothed_draws_in_the_documented_layout():
     words = philox_blocks(8, 2, indices, np.arange(1, FIELD_BLOCKS + 1)).reshape(2, -1)
     raw = uniform_pm1(words[:, :2 * PIXELS]).reshape(2, 2, 29, 29)
     assert_bitwise_equal(fields, raw, "unsmoothed field")
-    # with smoothing: the banded-matrix products equal the direct zero-boundary convolution
+    # with smoothing: the fixed-order float32 sums equal the direct zero-boundary convolution
     cfg = DeformConfig(sigma=6.0, alpha=36.0)
     smooth = displacement_fields_ref(8, 2, indices, cfg)
     taps = gaussian_taps(6.0).astype(np.float64)
@@ -146,8 +146,27 @@ def test_fields_are_smoothed_draws_in_the_documented_layout():
     for k in range(-r, r + 1):
         direct2 += taps[k + r] * direct[:, :, :, r + k:r + k + 29]
     assert_close(smooth, 36.0 * direct2, 1e-5, 1e-5, "smoothed field vs direct convolution")
-    G = smoothing_matrix(gaussian_taps(6.0))
-    np.testing.assert_array_equal(G, G.T)
+
+
+def smooth_along_like_the_kernel(line, taps):
+    """cuda_kernels/deform.cu smooth_along, transcribed in float32 scalars: for every position a
+    sum from 0 over the taps inside the line, ascending k, each product and sum rounded."""
+    radius = len(taps) // 2
+    out = np.empty(29, np.float32)
+    for pos in range(29):
+        total = np.float32(0.0)
+        for k in range(max(-radius, -pos), min(radius, 28 - pos) + 1):
+            total = np.float32(total + np.float32(taps[k + radius] * line[pos + k]))
+        out[pos] = total
+    return out
+
+
+@pytest.mark.parametrize("sigma", [6.0, 2.0, 10.0])   # 10: the radius (30) is wider than the image
+def test_smoothing_sums_in_the_kernels_order_bit_for_bit(sigma):
+    taps = gaussian_taps(sigma)
+    lines = np.random.default_rng(4).uniform(-1, 1, size=(29, 3)).astype(np.float32)
+    expected = np.stack([smooth_along_like_the_kernel(lines[:, c], taps) for c in range(3)], axis=1)
+    assert_bitwise_equal(smooth_lines(lines, taps), expected, f"smooth_lines, sigma {sigma}")
 
 
 def test_field_magnitude_is_plausible():
