@@ -77,6 +77,37 @@ class Kernel:
             raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
                                 f"{module.message_buffer.value.decode(errors='replace')}")
 
+    def launch_cooperative(self, grid, block, args, shared_mem: int = 0, registers_per_thread: int = 0,
+                           block_order: str = "launch", seed: int = 0) -> None:
+        """A cooperative launch (cudaLaunchCooperativeKernel): every block resident at once, so
+        that cooperative_groups::this_grid().sync() is a grid-wide barrier. A grid larger than the
+        nominal device can hold resident is refused, as a GPU refuses it. `block_order` ("launch",
+        "reversed", "shuffled" with `seed`) is the order in which the blocks run between two grid
+        barriers; comparing orders finds a missing grid barrier."""
+        from gpumlp.emulator import cooperative
+        grid_extents, block_extents = _dimensions(grid, "grid"), _dimensions(block, "block")
+        blocks = grid_extents[0] * grid_extents[1] * grid_extents[2]
+        threads = block_extents[0] * block_extents[1] * block_extents[2]
+        shared = cooperative.static_shared_bytes(self.module) + int(shared_mem)
+        limit = cooperative.resident_block_limit(threads, int(registers_per_thread), shared)
+        if blocks > limit:
+            device = cooperative.NOMINAL_DEVICE
+            raise EmulatorError(
+                f"kernel '{self.name}': a cooperative launch of {blocks} blocks is too large: at most {limit} "
+                f"blocks of {threads} threads ({registers_per_thread} registers each, {shared} bytes of shared "
+                f"memory) are resident on the {device.name}, {device.sm_count} SMs ({device.arch} limits)")
+        if block_order not in cooperative.BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {', '.join(cooperative.BLOCK_ORDERS)}, got {block_order!r}")
+        dimensions = _DIMENSIONS.pack(*grid_extents, *block_extents)
+        slots = self._packer.pack(args)
+        module = self.module
+        flags = (_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
+        if cooperative._launcher(_runtime())(self._entry, dimensions, int(shared_mem), module.memory, flags,
+                                             cooperative.BLOCK_ORDERS[block_order], int(seed), slots,
+                                             len(self._packer.parameters), module.message_buffer, _MESSAGE_BYTES):
+            raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
+                                f"{module.message_buffer.value.decode(errors='replace')}")
+
     def __repr__(self):
         return f"<emulated kernel {self.name} of {self.module.name}>"
 
