@@ -95,6 +95,7 @@ def test_the_grid_kernels_are_valid_cuda_for_nvrtc():
         pytest.skip("no CUDA toolkit headers on this machine")
     program = nvrtc.createProgram(SOURCE.read_text(), SOURCE.name, [], [])
     try:
-        nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17", f"-I{include}"])
+        # CUDA 13 keeps libcu++ (cuda/std/...), which the header includes, under include/cccl.
+        nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17", f"-I{include}", f"-I{include / 'cccl'}"])
     except nvrtc.NVRTCError as error:
         pytest.fail(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}")
