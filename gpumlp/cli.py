@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "emulate: the GPU code path on the CPU emulator (slow; for testing)")
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
+    run.add_argument("--engine", choices=("auto", "graph", "persistent"), default="auto",
+                     help="online training on a device: graph replays ~20 launches per image from CUDA "
+                          "graphs; persistent trains many images per cooperative launch with the weights "
+                          "on chip; auto takes persistent where the device and the net allow it")
     run.add_argument("--out", help="run directory (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint "
                      "(its settings are kept; --epochs may extend it)")
@@ -109,6 +113,10 @@ def run(args, argv, log) -> int:
             config.epochs = args.epochs
         if any(a == "--device" or a.startswith("--device=") for a in argv):
             config.device = args.device
+        # the engine the run started with, unless --engine is given again
+        config.engine = saved.get("engine") or config.engine
+        if any(a == "--engine" or a.startswith("--engine=") for a in argv):
+            config.engine = args.engine
         validate(config)
     else:
         config = config_from_args(args)
@@ -121,7 +129,8 @@ def run(args, argv, log) -> int:
     if not args.resume:
         run_dir.create({"settings": config.to_dict(), "sizes": config.sizes,
                         "weights": nets.count_weights(config.sizes), "code_version": code_version(),
-                        "device": trainer.device_name, "command": ["reproduce_2010.py", *argv],
+                        "device": trainer.device_name, "engine": getattr(trainer, "engine", None),
+                        "command": ["reproduce_2010.py", *argv],
                         "train_images": len(split.train_labels), "val_images": len(split.val_labels),
                         "test_images": len(split.test_labels)})
     log(f"net {nets.describe(config.sizes)} ({nets.count_weights(config.sizes):,} weights), "
@@ -154,4 +163,8 @@ def make_trainer(config: TrainConfig, split, device, log):
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
                           config.momentum, config.deform_config(), config.seed)
     from gpumlp.train_gpu import DeviceTrainer
-    return DeviceTrainer(device, params, split, config, log)
+    from gpumlp.train_persistent import PersistentTrainer, choose_engine
+    engine, why = choose_engine(config.engine, device, config.sizes, config.batch_size)
+    log(f"engine: {engine} ({why})")
+    trainer_class = PersistentTrainer if engine == "persistent" else DeviceTrainer
+    return trainer_class(device, params, split, config, log)

@@ -38,6 +38,7 @@ class TrainConfig:
     out: str | None = None
     checkpoint_every: int = 10
     graph_steps: int = 0  # samples per captured CUDA graph; 0 picks a size from the data
+    engine: str = "auto"  # the online engine on a device: auto, graph or persistent
 
     @property
     def sizes(self) -> list[int]:
@@ -86,6 +87,8 @@ def validate(config: TrainConfig) -> None:
          "deformation amplitudes (--beta, --beta-1-7, --gamma, --alpha) must be non-negative"),
         (config.gamma < 100, "--gamma must be below 100 (a scale of 1 - gamma/100 must stay positive)"),
         (config.device in ("auto", "cuda", "cpu", "emulate"), "--device must be auto, cuda, cpu or emulate"),
+        (config.engine in ("auto", "graph", "persistent"), "--engine must be auto, graph or persistent"),
+        (config.engine != "persistent" or config.device != "cpu", "--engine persistent needs --device cuda or emulate"),
     ]
     for ok, message in checks:
         if not ok:

@@ -105,9 +105,18 @@ class Device:
             return
         kernel(grid, block, tuple(args), shared_mem=int(shared_mem))
 
+    # -- cooperative launches (the persistent engine) -----------------------------------------
+    def cooperative_kernel(self, filename: str, kernel_name: str):
+        """The kernel, loaded so that it can be launched cooperatively."""
+        return self.kernel(filename, kernel_name)
+
     # -- memory ----------------------------------------------------------------------------------
     def asarray(self, host_array, dtype=None):
         return self.xp.asarray(np.ascontiguousarray(host_array, dtype=dtype))
+
+    def address(self, array) -> int:
+        """The device address of an array's data, for tables of pointers a kernel reads."""
+        return int(array.ctypes.data)
 
     def to_host(self, array) -> np.ndarray:
         """An independent host copy (later launches never change it)."""
@@ -129,6 +138,9 @@ class Device:
 
     def describe(self) -> dict:
         return {"name": self.name, "emulated": self.is_emulated}
+
+    def supports_cooperative_launch(self) -> bool:
+        return self.is_emulated
 
 
 class Graph:
@@ -165,6 +177,21 @@ class EmulatedDevice(Device):
         return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR],
                                     poison_shared=self.poison_shared,
                                     reverse_threads=self.reverse_threads)
+
+    def cooperative_limits(self, kernel, threads: int, shared_mem: int) -> tuple[int, int]:
+        """(resident blocks per SM, SMs) for a cooperative launch, on the nominal device."""
+        from gpumlp.emulator import cooperative
+        shared = cooperative.static_shared_bytes(kernel.module) + int(shared_mem)
+        device = cooperative.NOMINAL_DEVICE
+        return cooperative.resident_block_limit(threads, 0, shared) // device.sm_count, device.sm_count
+
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, block_order: str = "launch",
+                           seed: int = 0) -> None:
+        """Every block resident at once; `block_order` ("launch", "reversed", "shuffled") is the
+        order the blocks run in between grid barriers."""
+        check_kernel_args(kernel.name, args)
+        kernel.launch_cooperative(grid, block, tuple(args), shared_mem=int(shared_mem), block_order=block_order,
+                                  seed=seed)
 
     @contextmanager
     def capture(self):
@@ -221,6 +248,43 @@ class CudaDevice(Device):
 
     def on_stream(self):
         return self.stream
+
+    # Unverified: no line of the cooperative path has run on a GPU.
+    def cooperative_kernel(self, filename: str, kernel_name: str):
+        """A RawKernel of a module compiled with enable_cooperative_groups, which CuPy launches
+        with cuLaunchCooperativeKernel."""
+        key = ("cooperative", filename, kernel_name)
+        if key not in self._kernels:
+            module = self.cupy.RawModule(code=cuda_module_source(filename), options=cuda_compile_options(),
+                                         enable_cooperative_groups=True)
+            self._kernels[key] = module.get_function(kernel_name)
+        return self._kernels[key]
+
+    def supports_cooperative_launch(self) -> bool:
+        runtime = self.cupy.cuda.runtime
+        return bool(runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, self.cupy.cuda.Device().id))
+
+    def cooperative_limits(self, kernel, threads: int, shared_mem: int) -> tuple[int, int]:
+        """(resident blocks per SM from the occupancy API, SMs)."""
+        from cupy_backends.cuda.api import driver
+        self._allow_dynamic_shared(kernel, shared_mem)
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
+        return int(per_sm), int(self.properties["multiProcessorCount"])
+
+    @staticmethod
+    def _allow_dynamic_shared(kernel, shared_mem: int) -> None:
+        if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = int(shared_mem)
+
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, block_order: str = "launch",
+                           seed: int = 0) -> None:
+        check_kernel_args(getattr(kernel, "name", "kernel"), args)
+        self._allow_dynamic_shared(kernel, shared_mem)
+        kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args),
+               shared_mem=int(shared_mem), stream=self.stream)
+
+    def address(self, array) -> int:
+        return int(array.data.ptr)
 
     def asarray(self, host_array, dtype=None):
         # cupy.array with copy=True: always a device copy (cupy.asarray may wrap host memory when

@@ -25,6 +25,8 @@ class DeviceMemoryError(UserError):
 
 
 class DeviceTrainer:
+    engine = "graph"
+
     def __init__(self, device, params, split, config, log=print):
         self.device = device
         self.config = config
@@ -126,9 +128,9 @@ class DeviceTrainer:
                 self.launch_step(B, lr)
         return graph
 
-    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
-        d, B = self.device, self.batch_size
-        lr = np.float32(lr)
+    def begin_epoch(self, epoch: int, order: np.ndarray) -> None:
+        """The epoch's deformed images, its order, and the cursor and totals set to zero."""
+        d = self.device
         if self.deform_config is not None:
             ops_deform.deform_images(d, self.train_images, self.train_labels, None, self.epoch_images,
                                      self.deform_params, self.seed, epoch, self.deform_config)
@@ -137,6 +139,19 @@ class DeviceTrainer:
             self.cursor.fill(0)
             self.loss_total.fill(0)
             self.wrong_total.fill(0)
+
+    def epoch_totals(self, n_images: int) -> tuple[float, float]:
+        """(mean loss, error rate) of the epoch just trained, from the device totals."""
+        d = self.device
+        d.synchronize()
+        loss = float(d.to_host(self.loss_total)[0]) / n_images
+        wrong = int(d.to_host(self.wrong_total)[0])
+        return loss, wrong / n_images
+
+    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
+        B = self.batch_size
+        lr = np.float32(lr)
+        self.begin_epoch(epoch, order)
         full_steps, tail = divmod(len(order), B)
         chunk = min(self.graph_steps, full_steps)
         if chunk:
@@ -150,10 +165,7 @@ class DeviceTrainer:
             self.capture_steps(remaining, B, lr).replay()
         if tail:
             self.capture_steps(1, tail, lr).replay()
-        d.synchronize()
-        loss = float(d.to_host(self.loss_total)[0]) / len(order)
-        wrong = int(d.to_host(self.wrong_total)[0])
-        return loss, wrong / len(order)
+        return self.epoch_totals(len(order))
 
     # -- evaluation ------------------------------------------------------------------------------
     def device_images(self, images: np.ndarray):
