@@ -9,6 +9,7 @@ import pytest
 from conftest import make_synthetic_mnist
 from gpumlp import cli
 from gpumlp.rundir import RunDir
+from gpumlp.training import epoch_order
 
 # 841-37-29-23-10: three hidden layers of odd sizes; 37 rows make two chunks (32 + 5).
 ODD_NET = ["--hidden", "37", "29", "23", "--train-images", "100", "--test-images", "40", "--lr", "0.01",
@@ -48,3 +49,101 @@ def test_persistent_engine_stopped_and_resumed_ends_with_the_same_weights(data10
     cut = RunDir(tmp_path / "cut")
     assert weights_sha(cut) == weights_sha(whole)
     assert json.loads((cut.path / "config.json").read_text())["engine"] == "persistent"
+
+
+# ---- the trainers side by side: grids, block orders, weights on or off chip ---------------------
+
+def trainers(data, **persistent_options):
+    from gpumlp import nets
+    from gpumlp.config import TrainConfig
+    from gpumlp.device import EmulatedDevice
+    from gpumlp.train_gpu import DeviceTrainer
+    from gpumlp.train_persistent import PersistentTrainer
+    from gpumlp.training import make_split
+    config = TrainConfig(hidden=[37, 29, 23], train_images=70, test_images=10, momentum=0.5, device="emulate")
+    split = make_split(data, config)
+    quiet = lambda line: None  # noqa: E731
+    # Each trainer its own initial weights: the emulator's arrays may be the host arrays themselves.
+    return (DeviceTrainer(EmulatedDevice(), nets.init_params(config.sizes, config.seed), split, config, quiet),
+            PersistentTrainer(EmulatedDevice(), nets.init_params(config.sizes, config.seed), split, config, quiet,
+                              **persistent_options))
+
+
+def train_both(graph, persistent, epochs=1):
+    for epoch in range(1, epochs + 1):
+        order = epoch_order(0, epoch, graph.n_train)
+        assert graph.train_epoch(epoch, 0.01, order) == persistent.train_epoch(epoch, 0.01, order)
+    return graph.get_state(), persistent.get_state()
+
+
+def first_difference(expected_state, state):
+    """(layer, array, worst index, expected, got) of the first array that differs, or None."""
+    for layer, (expected, got) in enumerate(zip(expected_state["params"] + expected_state["velocities"],
+                                                state["params"] + state["velocities"])):
+        for name, e, g in zip(("W", "b"), expected, got):
+            if not np.array_equal(e, g, equal_nan=False):
+                index = np.unravel_index(np.argmax(np.abs(e - g)), e.shape)
+                return layer, name, index, e[index], g[index]
+    return None
+
+
+@pytest.mark.parametrize("options", [dict(blocks=1), dict(blocks=2), dict(blocks=7, weights_in_shared=False),
+                                     dict(blocks=3, block_order="shuffled"), dict(block_order="reversed")],
+                         ids=["1-block", "2-blocks", "7-blocks-global", "3-blocks-shuffled", "reversed"])
+def test_any_grid_block_order_and_weight_place_gives_the_graph_engines_bits(data100, options):
+    """Ownership moves rows between blocks, not operations between orders: every grid (fewer
+    blocks than chunks, more than chunks), weights on or off chip and every block order between
+    grid barriers must give identical weights and velocities (exact: the same operations)."""
+    block_order = options.pop("block_order", "launch")
+    graph, persistent = trainers(data100, **options)
+    persistent.block_order, persistent.block_order_seed = block_order, 11
+    assert persistent.plan.blocks == options.get("blocks", 5)
+    assert first_difference(*train_both(graph, persistent)) is None
+
+
+def test_a_planted_missing_grid_sync_is_caught(data100):
+    """The kernel with the grid barrier after the backward partials removed: the owners of the
+    layer below then read partial sums before they are written (poisoned here, as fresh device
+    memory may hold anything), in the launch order of blocks and in a shuffled one; the kernel as
+    it is, with the same poisoned memory, gives the graph engine's bits in both."""
+    from gpumlp.device import KERNEL_DIR
+    from gpumlp.emulator import load_module_source
+    from gpumlp.train_persistent import KERNEL, SOURCE
+    source = (KERNEL_DIR / SOURCE).read_text()
+    planted = "            if (l)\n                grid_sync(barrier);\n"
+    assert source.count(planted) == 1
+    differs = {}
+    for name, text in (("as is", source), ("planted", source.replace(planted, ""))):
+        module = load_module_source(text, name=name.replace(" ", "_"), include_dirs=[KERNEL_DIR], poison_shared=True)
+        for block_order in ("launch", "shuffled"):
+            graph, persistent = trainers(data100, blocks=5)
+            persistent.kernel = module.get_function(KERNEL)
+            persistent.partial[...] = np.nan
+            persistent.block_order, persistent.block_order_seed = block_order, 5
+            order = epoch_order(0, 1, graph.n_train)
+            graph.train_epoch(1, 0.01, order)
+            persistent.train_epoch(1, 0.01, order)
+            differs[name, block_order] = first_difference(graph.get_state(), persistent.get_state()) is not None
+    assert differs == {("as is", "launch"): False, ("as is", "shuffled"): False,
+                       ("planted", "launch"): True, ("planted", "shuffled"): True}
+
+
+def test_a_grid_larger_than_the_resident_blocks_is_refused(data100):
+    from gpumlp.errors import UserError
+    with pytest.raises(UserError, match=r"grid must have 1 to \d+ blocks, got 100000"):
+        trainers(data100, blocks=100000)
+
+
+def test_auto_takes_persistent_online_and_graph_for_minibatches(data100, tmp_path, capsys):
+    online = train(tmp_path / "online", "--epochs", "1")
+    assert "engine: persistent (the device launches cooperatively" in capsys.readouterr().out
+    assert json.loads((online.path / "config.json").read_text())["engine"] == "persistent"
+    batch = train(tmp_path / "batch", "--epochs", "1", "--batch-size", "4")
+    assert "engine: graph (the persistent engine does not apply: it trains online only" in capsys.readouterr().out
+    assert json.loads((batch.path / "config.json").read_text())["engine"] == "graph"
+
+
+def test_engine_persistent_refuses_what_it_cannot_train(data100, tmp_path, capsys):
+    assert cli.main(["--device", "emulate", *ODD_NET, "--batch-size", "4", "--engine", "persistent",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "error: --engine persistent: it trains online only" in capsys.readouterr().err
