@@ -38,7 +38,7 @@
 #define PT_THREADS 256      // 8 warps; train_persistent.PERSISTENT_THREADS mirrors it
 #define PT_WARPS (PT_THREADS / 32)
 #define PT_ROWS 32          // = BU_ROWS of mlp_online.cu: the chunk of the partial sums
-#define PT_MAX_LAYERS 8     // train_persistent.MAX_LAYERS
+#define PT_MAX_LAYERS 12    // train_persistent.MAX_LAYERS (net 5 has 10)
 #define PT_MV_UNROLL 16     // loads in flight per lane in the row dot product
 #define PT_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
 
@@ -123,7 +123,7 @@ __device__ __forceinline__ void softmax_row(const float* logits, int label, int 
 }
 
 // act(w . x + b) of one row by one warp, in layer_forward_mv's order (see the top). w (n_in,) in
-// shared or global memory, x (n_in,).
+// shared or global memory, x (n_in,) in shared memory.
 __device__ __forceinline__ float row_forward(const float* w, const float* x, int n_in, float bias, bool activate)
 {
     const int lane = threadIdx.x & 31;
@@ -135,7 +135,7 @@ __device__ __forceinline__ float row_forward(const float* w, const float* x, int
             const int j = j0 + 32 * k;
             const bool inside = j < n_in;
             wv[k] = inside ? w[j] : 0.0f;
-            xv[k] = inside ? __ldcg(x + j) : 0.0f;
+            xv[k] = inside ? x[j] : 0.0f;
         }
 #pragma unroll
         for (int k = 0; k < PT_MV_UNROLL; ++k)
@@ -192,7 +192,8 @@ __device__ __forceinline__ void copy_owned_rows(const LayerPlan* plan, int n_lay
 //   wrong_total (1,) take every image's loss and error, in image order; hyper (2,) = [lr, momentum];
 //   barrier (1,) the grid barrier's counter (zero before the first launch; stays valid after).
 // Grid: 1-D, at most the resident blocks (a cooperative launch); blockDim.x = PT_THREADS; dynamic
-// shared memory: the block's rows of every W when weights_in_shared (ops_persistent computes it).
+// shared memory: max n_in floats for the layer's input (every warp of the block reads all of it),
+// then, when weights_in_shared, the block's rows of every W (train_persistent.plan_launch).
 extern "C" __global__ void __launch_bounds__(PT_THREADS, 1)
 train_online_persistent(const unsigned long long* __restrict__ layers, const int* __restrict__ sizes,
                         float* __restrict__ partial, const float* __restrict__ images,
@@ -201,14 +202,17 @@ train_online_persistent(const unsigned long long* __restrict__ layers, const int
                         int* __restrict__ wrong_total, const float* __restrict__ hyper,
                         unsigned int* __restrict__ barrier, int n_layers, int steps, int n_samples, int weights_in_shared)
 {
-    extern __shared__ float shared_weights[];
+    extern __shared__ float shared_memory[];   // x of the layer (max n_in), then the block's rows
     __shared__ LayerPlan plan[PT_MAX_LAYERS];
     __shared__ float delta[PT_ROWS];
     __shared__ int start;
 
+    float* const x_shared = shared_memory;
     if (threadIdx.x == 0) {
-        int chunks_below = 0;
-        size_t shared_offset = 0, partial_offset = 0;
+        int chunks_below = 0, max_in = 0;
+        for (int l = 0; l < n_layers; ++l)
+            max_in = max(max_in, sizes[l]);
+        size_t shared_offset = max_in, partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
             LayerPlan& p = plan[l];
             p.W = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 0]);
@@ -222,7 +226,7 @@ train_online_persistent(const unsigned long long* __restrict__ layers, const int
             // the smallest c >= 0 with (chunks_below + c) % grid == blockIdx.x
             const int grid = (int)gridDim.x;
             p.first_chunk = ((int)blockIdx.x - chunks_below % grid + grid) % grid;
-            p.rows = weights_in_shared ? shared_weights + shared_offset : p.W;
+            p.rows = weights_in_shared ? shared_memory + shared_offset : p.W;
             for (int c = p.first_chunk; c < p.chunks; c += grid)
                 shared_offset += (size_t)min(PT_ROWS, p.n_out - c * PT_ROWS) * p.n_in;
             p.partial = l ? partial + partial_offset : nullptr;
@@ -251,13 +255,18 @@ train_online_persistent(const unsigned long long* __restrict__ layers, const int
         // ---- forward: warp w of the owner computes rows w, w + 8, ... of each owned chunk
         for (int l = 0; l < n_layers; ++l) {
             const LayerPlan& p = plan[l];
-            const float* x = l ? plan[l - 1].y : image;
+            if (p.first_chunk < p.chunks) {   // the block owns rows of the layer: x to shared memory
+                const float* x = l ? plan[l - 1].y : image;
+                for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+                    x_shared[j] = __ldcg(x + j);
+                __syncthreads();
+            }
             for (int c = p.first_chunk, k = 0; c < p.chunks; c += gridDim.x, ++k) {
                 const int rows = min(PT_ROWS, p.n_out - c * PT_ROWS);
                 const float* w = chunk_rows(p, c, k, in_shared);
                 for (int r = warp; r < rows; r += PT_WARPS) {
                     const int row = c * PT_ROWS + r;
-                    const float y = row_forward(w + (size_t)r * p.n_in, x, p.n_in, p.b[row], l < last);
+                    const float y = row_forward(w + (size_t)r * p.n_in, x_shared, p.n_in, p.b[row], l < last);
                     if (lane == 0)
                         p.y[row] = y;
                 }

@@ -20,7 +20,7 @@ KERNEL = "train_online_persistent"
 # Must match the #defines of mlp_persistent.cu.
 PERSISTENT_THREADS = 256
 CHUNK_ROWS = 32
-MAX_LAYERS = 8
+MAX_LAYERS = 12
 MAX_CLASSES = CHUNK_ROWS     # the output layer is one chunk: its owner does the softmax alone
 LAYER_ARRAYS = 5             # W, b, vW, vb, y per layer in the kernel's table
 
@@ -83,15 +83,16 @@ def plan_launch(device, kernel, sizes, blocks: int | None = None, weights_in_sha
     grid = min(chunks, resident) if blocks is None else int(blocks)
     if not 1 <= grid <= resident:
         raise UserError(f"the persistent engine's grid must have 1 to {resident} blocks, got {grid}")
+    x_bytes = 4 * max(sizes[:-1])    # the layer's input, read by every warp of the block
     shared = 4 * max(owned_weights(sizes, grid))
-    per_sm_shared, _ = device.cooperative_limits(kernel, PERSISTENT_THREADS, shared)
+    per_sm_shared, _ = device.cooperative_limits(kernel, PERSISTENT_THREADS, x_bytes + shared)
     fits = per_sm_shared * sms >= grid
     use_shared = fits if weights_in_shared is None else bool(weights_in_shared)
     if use_shared and not fits:
         raise UserError(f"{shared:,} bytes of weights per block do not fit in shared memory at {grid} blocks")
     where = (f"weights in shared memory ({shared / 1024:,.1f} KiB per block)" if use_shared
              else f"weights read from global memory ({shared / 1024:,.1f} KiB per block would not fit on chip)")
-    return LaunchPlan(grid, use_shared, shared if use_shared else 0, resident,
+    return LaunchPlan(grid, use_shared, x_bytes + (shared if use_shared else 0), resident,
                       f"{grid} blocks of {PERSISTENT_THREADS} threads ({chunks} row chunks, {resident} resident), {where}")
 
 
