@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training steps per captured CUDA graph (0: chosen automatically)")
     run.add_argument("--engine", choices=("auto", "graph", "persistent"), default="auto",
                      help="online training on a device: graph replays ~20 launches per image from CUDA "
-                          "graphs; persistent trains many images per cooperative launch with the weights "
-                          "on chip; auto takes persistent where the device and the net allow it")
+                          "graphs; persistent trains many images per cooperative launch, each block's "
+                          "weights on chip where they fit; auto takes persistent where the device and the net allow it")
     run.add_argument("--out", help="run directory (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint "
                      "(its settings are kept; --epochs may extend it)")
@@ -159,6 +159,10 @@ def run(args, argv, log) -> int:
 def make_trainer(config: TrainConfig, split, device, log):
     params = nets.init_params(config.sizes, config.seed)
     if device is None:
+        if config.engine == "persistent":
+            from gpumlp.errors import UserError
+            raise UserError("--engine persistent needs a device (--device cuda or emulate), "
+                            "but the run is on the CPU reference")
         from gpumlp.train_cpu import CpuTrainer
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
                           config.momentum, config.deform_config(), config.seed)

@@ -32,9 +32,10 @@ def weights_sha(run):
     return json.loads((run.path / "summary.json").read_text())["weights_sha256"]
 
 
-def test_persistent_engine_ends_with_the_graph_engines_weights(data100, tmp_path, capsys):
-    graph = train(tmp_path / "graph", "--engine", "graph", "--epochs", "2")
-    persistent = train(tmp_path / "persistent", "--engine", "persistent", "--epochs", "2")
+@pytest.mark.parametrize("momentum", ["0.5", "0"], ids=["momentum", "plain-sgd"])
+def test_persistent_engine_ends_with_the_graph_engines_weights(data100, tmp_path, capsys, momentum):
+    graph = train(tmp_path / "graph", "--engine", "graph", "--epochs", "2", "--momentum", momentum)
+    persistent = train(tmp_path / "persistent", "--engine", "persistent", "--epochs", "2", "--momentum", momentum)
     assert "engine: persistent (requested)" in capsys.readouterr().out
     assert weights_sha(graph) == weights_sha(persistent)
     for g, p in zip(graph.read_metrics(), persistent.read_metrics(), strict=True):
@@ -147,3 +148,8 @@ def test_engine_persistent_refuses_what_it_cannot_train(data100, tmp_path, capsy
     assert cli.main(["--device", "emulate", *ODD_NET, "--batch-size", "4", "--engine", "persistent",
                      "--out", str(tmp_path / "x")]) == 2
     assert "error: --engine persistent: it trains online only" in capsys.readouterr().err
+
+
+def test_engine_persistent_needs_a_device(data100, tmp_path, capsys):
+    assert cli.main(["--device", "cpu", *ODD_NET, "--engine", "persistent", "--out", str(tmp_path / "x")]) == 2
+    assert "error: --engine persistent needs --device cuda or emulate" in capsys.readouterr().err
