@@ -89,15 +89,20 @@ def first_difference(expected_state, state):
 
 
 @pytest.mark.parametrize("options", [dict(blocks=1), dict(blocks=2), dict(blocks=7, weights_in_shared=False),
-                                     dict(blocks=3, block_order="shuffled"), dict(block_order="reversed")],
-                         ids=["1-block", "2-blocks", "7-blocks-global", "3-blocks-shuffled", "reversed"])
+                                     dict(blocks=3, block_order="shuffled"), dict(block_order="reversed"),
+                                     dict(blocks=2, reverse_threads=True)],
+                         ids=["1-block", "2-blocks", "7-blocks-global", "3-blocks-shuffled", "reversed",
+                              "2-blocks-reversed-threads"])
 def test_any_grid_block_order_and_weight_place_gives_the_graph_engines_bits(data100, options):
     """Ownership moves rows between blocks, not operations between orders: every grid (fewer
     blocks than chunks, more than chunks), weights on or off chip and every block order between
     grid barriers must give identical weights and velocities (exact: the same operations)."""
     block_order = options.pop("block_order", "launch")
+    reverse_threads = options.pop("reverse_threads", False)
     graph, persistent = trainers(data100, **options)
     persistent.block_order, persistent.block_order_seed = block_order, 11
+    # threads of a block last to first, shared memory poisoned: what a missing __syncthreads shows in
+    persistent.kernel.module.reverse_threads = persistent.kernel.module.poison_shared = reverse_threads
     assert persistent.plan.blocks == options.get("blocks", 5)
     assert first_difference(*train_both(graph, persistent)) is None
 
@@ -129,6 +134,27 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
                        ("planted", "launch"): True, ("planted", "shuffled"): True}
 
 
+def test_a_planted_missing_syncthreads_is_caught_by_reversed_threads(data100):
+    """Without the __syncthreads after a layer's input is copied to shared memory, warps read
+    inputs other threads have not written yet: with threads run last to first on poisoned shared
+    memory the weights differ (and NaN shows)."""
+    from gpumlp.device import KERNEL_DIR
+    from gpumlp.emulator import load_module_source
+    from gpumlp.train_persistent import KERNEL, SOURCE
+    source = (KERNEL_DIR / SOURCE).read_text()
+    planted = "                    x_shared[j] = __ldcg(x + j);\n                __syncthreads();\n"
+    assert source.count(planted) == 1
+    module = load_module_source(source.replace(planted, "                    x_shared[j] = __ldcg(x + j);\n"),
+                                name="missing_syncthreads", include_dirs=[KERNEL_DIR], poison_shared=True,
+                                reverse_threads=True)
+    graph, persistent = trainers(data100, blocks=5)
+    persistent.kernel = module.get_function(KERNEL)
+    order = epoch_order(0, 1, graph.n_train)
+    graph.train_epoch(1, 0.01, order)
+    persistent.train_epoch(1, 0.01, order)
+    assert first_difference(graph.get_state(), persistent.get_state()) is not None
+
+
 def test_a_grid_larger_than_the_resident_blocks_is_refused(data100):
     from gpumlp.errors import UserError
     with pytest.raises(UserError, match=r"grid must have 1 to \d+ blocks, got 100000"):
@@ -153,3 +179,17 @@ def test_engine_persistent_refuses_what_it_cannot_train(data100, tmp_path, capsy
 def test_engine_persistent_needs_a_device(data100, tmp_path, capsys):
     assert cli.main(["--device", "cpu", *ODD_NET, "--engine", "persistent", "--out", str(tmp_path / "x")]) == 2
     assert "error: --engine persistent needs --device cuda or emulate" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_persistent_engine_ends_with_the_graph_engines_weights(data100, tmp_path):
+    """On a GPU (never run yet: no GPU was available where this was written)."""
+    from gpumlp.device import gpu_available
+    if not gpu_available():
+        pytest.skip("needs an NVIDIA GPU with CuPy")
+    runs = []
+    for engine in ("graph", "persistent"):
+        out = tmp_path / engine
+        assert cli.main(["--device", "cuda", *ODD_NET, "--epochs", "2", "--engine", engine, "--out", str(out)]) == 0
+        runs.append(weights_sha(RunDir(out)))
+    assert runs[0] == runs[1]
