@@ -267,9 +267,13 @@ class CudaDevice(Device):
     def cooperative_limits(self, kernel, threads: int, shared_mem: int) -> tuple[int, int]:
         """(resident blocks per SM from the occupancy API, SMs)."""
         from cupy_backends.cuda.api import driver
-        self._allow_dynamic_shared(kernel, shared_mem)
+        sms = int(self.properties["multiProcessorCount"])
+        try:
+            self._allow_dynamic_shared(kernel, shared_mem)
+        except driver.CUDADriverError:   # more than a block may opt in to: nothing is resident
+            return 0, sms
         per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
-        return int(per_sm), int(self.properties["multiProcessorCount"])
+        return int(per_sm), sms
 
     @staticmethod
     def _allow_dynamic_shared(kernel, shared_mem: int) -> None:
