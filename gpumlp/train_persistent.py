@@ -76,14 +76,14 @@ def plan_launch(device, kernel, sizes, blocks: int | None = None, weights_in_sha
     """The grid (one block per chunk, at most what is resident) and where the weights live: in
     shared memory when every block's rows fit, else read from global memory (L2)."""
     chunks = sum(layer_chunks(sizes))
-    per_sm, sms = device.cooperative_limits(kernel, PERSISTENT_THREADS, 0)
+    x_bytes = 4 * max(sizes[:-1])    # the layer's input, read by every warp of the block
+    per_sm, sms = device.cooperative_limits(kernel, PERSISTENT_THREADS, x_bytes)
     resident = per_sm * sms
     if resident < 1:
         raise UserError("the persistent kernel cannot be resident on this device")
     grid = min(chunks, resident) if blocks is None else int(blocks)
     if not 1 <= grid <= resident:
         raise UserError(f"the persistent engine's grid must have 1 to {resident} blocks, got {grid}")
-    x_bytes = 4 * max(sizes[:-1])    # the layer's input, read by every warp of the block
     shared = 4 * max(owned_weights(sizes, grid))
     per_sm_shared, _ = device.cooperative_limits(kernel, PERSISTENT_THREADS, x_bytes + shared)
     fits = per_sm_shared * sms >= grid
