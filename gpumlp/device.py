@@ -178,12 +178,12 @@ class EmulatedDevice(Device):
                                     poison_shared=self.poison_shared,
                                     reverse_threads=self.reverse_threads)
 
-    def cooperative_limits(self, kernel, threads: int, shared_mem: int) -> tuple[int, int]:
-        """(resident blocks per SM, SMs) for a cooperative launch, on the nominal device."""
+    def resident_blocks(self, kernel, threads: int, shared_mem: int) -> int:
+        """The largest cooperative grid: the nominal device's occupancy rule (registers unknown
+        here, so not counted), and no more threads than the emulator runs at once."""
         from gpumlp.emulator import cooperative
         shared = cooperative.static_shared_bytes(kernel.module) + int(shared_mem)
-        device = cooperative.NOMINAL_DEVICE
-        return cooperative.resident_block_limit(threads, 0, shared) // device.sm_count, device.sm_count
+        return min(cooperative.resident_block_limit(threads, 0, shared), cooperative.MAX_THREADS // threads)
 
     def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, block_order: str = "launch",
                            seed: int = 0) -> None:
@@ -264,16 +264,15 @@ class CudaDevice(Device):
         runtime = self.cupy.cuda.runtime
         return bool(runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, self.cupy.cuda.Device().id))
 
-    def cooperative_limits(self, kernel, threads: int, shared_mem: int) -> tuple[int, int]:
-        """(resident blocks per SM from the occupancy API, SMs)."""
+    def resident_blocks(self, kernel, threads: int, shared_mem: int) -> int:
+        """The largest cooperative grid: resident blocks per SM from the occupancy API x SMs."""
         from cupy_backends.cuda.api import driver
-        sms = int(self.properties["multiProcessorCount"])
         try:
             self._allow_dynamic_shared(kernel, shared_mem)
         except driver.CUDADriverError:   # more than a block may opt in to: nothing is resident
-            return 0, sms
+            return 0
         per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
-        return int(per_sm), sms
+        return int(per_sm) * int(self.properties["multiProcessorCount"])
 
     @staticmethod
     def _allow_dynamic_shared(kernel, shared_mem: int) -> None:

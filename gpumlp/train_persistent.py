@@ -77,16 +77,14 @@ def plan_launch(device, kernel, sizes, blocks: int | None = None, weights_in_sha
     shared memory when every block's rows fit, else read from global memory (L2)."""
     chunks = sum(layer_chunks(sizes))
     x_bytes = 4 * max(sizes[:-1])    # the layer's input, read by every warp of the block
-    per_sm, sms = device.cooperative_limits(kernel, PERSISTENT_THREADS, x_bytes)
-    resident = per_sm * sms
+    resident = device.resident_blocks(kernel, PERSISTENT_THREADS, x_bytes)
     if resident < 1:
         raise UserError("the persistent kernel cannot be resident on this device")
     grid = min(chunks, resident) if blocks is None else int(blocks)
     if not 1 <= grid <= resident:
         raise UserError(f"the persistent engine's grid must have 1 to {resident} blocks, got {grid}")
     shared = 4 * max(owned_weights(sizes, grid))
-    per_sm_shared, _ = device.cooperative_limits(kernel, PERSISTENT_THREADS, x_bytes + shared)
-    fits = per_sm_shared * sms >= grid
+    fits = device.resident_blocks(kernel, PERSISTENT_THREADS, x_bytes + shared) >= grid
     use_shared = fits if weights_in_shared is None else bool(weights_in_shared)
     if use_shared and not fits:
         raise UserError(f"{shared:,} bytes of weights per block do not fit in shared memory at {grid} blocks")

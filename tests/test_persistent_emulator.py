@@ -99,3 +99,15 @@ def test_the_grid_kernels_are_valid_cuda_for_nvrtc():
         nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17", f"-I{include}", f"-I{include / 'cccl'}"])
     except nvrtc.NVRTCError as error:
         pytest.fail(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}")
+
+
+def test_the_emulator_caps_a_cooperative_grid_at_the_threads_it_runs():
+    from gpumlp.device import EmulatedDevice
+    from gpumlp.emulator.cooperative import MAX_THREADS
+    device = EmulatedDevice()
+    kernel = device.kernel("mlp_persistent.cu", "train_online_persistent")
+    assert device.resident_blocks(kernel, 256, 0) == MAX_THREADS // 256
+    out = np.zeros(MAX_THREADS // 32 + 1, np.float32)
+    module = load_module(SOURCE)
+    with pytest.raises(EmulatorError, match=rf"the emulator runs at most {MAX_THREADS} threads"):
+        module.get_function("neighbour_exchange").launch_cooperative(len(out), 32, (out, out.copy(), np.int32(1)))

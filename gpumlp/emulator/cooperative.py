@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from gpumlp.gpu_limits import arch_limits, theoretical_occupancy
 
 BLOCK_ORDERS = {"launch": 0, "reversed": 1, "shuffled": 2}
+MAX_THREADS = 16 * 1024   # threads of one cooperative launch (scheduler.c MAX_COOPERATIVE_THREADS)
 
 
 @dataclass(frozen=True)
