@@ -5,6 +5,8 @@ Each CUDA thread of a block runs as a fiber, so barriers and warp operations kee
 `poison_shared` (shared memory filled with NaN bytes before each block) and `reverse_threads`
 (threads of a block run last to first) make missing barriers show up as wrong results. Deadlocks
 and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
+`Kernel.launch_cooperative` runs a cooperative launch: every block resident at once, with
+`cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py).
 """
 from __future__ import annotations
 
