@@ -43,10 +43,12 @@ def test_persistent_engine_ends_with_the_graph_engines_weights(data100, tmp_path
     assert json.loads((persistent.path / "config.json").read_text())["engine"] == "persistent"
 
 
-def test_persistent_engine_stopped_and_resumed_ends_with_the_same_weights(data100, tmp_path):
+def test_persistent_engine_stopped_and_resumed_ends_with_the_same_weights(data100, tmp_path, capsys):
     whole = train(tmp_path / "whole", "--engine", "graph", "--epochs", "2")
     train(tmp_path / "cut", "--engine", "persistent", "--epochs", "1")
+    capsys.readouterr()
     assert cli.main(["--resume", str(tmp_path / "cut"), "--epochs", "2"]) == 0
+    assert "engine: persistent (requested)" in capsys.readouterr().out   # --resume keeps the engine
     cut = RunDir(tmp_path / "cut")
     assert weights_sha(cut) == weights_sha(whole)
     assert json.loads((cut.path / "config.json").read_text())["engine"] == "persistent"
