@@ -146,7 +146,8 @@ extern "C" __global__ void backprop_delta_gemm(const float* __restrict__ delta_o
 // sgd_update_gemm: one SGD step on the batch-mean gradient, in place.
 //   grad_W (n_out, n_in) = delta_out^T (n_out, B) X (B, n_in) / B; grad_b = column sums / B.
 //   Without momentum W -= lr grad; with momentum mu: v = mu v - lr grad, W += v (vW (n_out, n_in),
-//   vb (n_out,) used only when momentum != 0; pass any float arrays otherwise).
+//   vb (n_out,) used only when momentum != 0; pass any float arrays otherwise). hyper (2,) =
+//   {lr, momentum} in device memory, so a captured graph replays with each epoch's lr.
 //   K = B, strided in both operands (their contiguous directions are n_out and n_in).
 //   Grid (ceil(n_in / 64), ceil(n_out / 64)), block 256. Each weight is read and written by the
 //   one thread that computed its gradient. Blocks of column tile 0 also update the biases of
@@ -157,14 +158,15 @@ extern "C" __global__ void sgd_update_gemm(const float* __restrict__ delta_out,
                                            float* __restrict__ b,
                                            float* __restrict__ vW,
                                            float* __restrict__ vb,
-                                           int batch, int n_out, int n_in,
-                                           float lr, float momentum)
+                                           const float* __restrict__ hyper,
+                                           int batch, int n_out, int n_in)
 {
     __shared__ float As[TILE_K][TILE_M + PAD];
     __shared__ float Bs[TILE_K][TILE_N + PAD];
     float acc[THREAD_M][THREAD_N];
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
     gemm_tile<false, false>(delta_out, n_out, X, n_in, n_out, n_in, batch, m0, n0, As, Bs, acc);
+    const float lr = hyper[0], momentum = hyper[1];   // read after the product: not live through it
     const bool use_momentum = momentum != 0.0f;
     const float scale = (float)batch;
     for_each_result(acc, m0, n0, n_out, n_in, [&](int m, int n, float product) {

@@ -32,7 +32,7 @@
 //     (63 -> 125 chunk rows of n_in floats, written here and read by backward_reduce: 3% -> 6% of
 //     the W traffic) and the reduce's serial chain. Registers must stay <= 48 so that all ~10
 //     blocks of 128 threads fit an SM's 64K registers (the whole grid then runs in one wave):
-//     sm_90 takes 47. (sm_80 takes 64, i.e. ~8 blocks per SM; __launch_bounds__(BU_COLS, 10)
+//     sm_90 takes 39. (sm_80 takes 64, i.e. ~8 blocks per SM; __launch_bounds__(BU_COLS, 10)
 //     would cap it at 48 but makes sm_100 spill.)
 //   layer_forward_mv: a lane loads MV_UNROLL elements of its row (and of x) per iteration, into
 //     4 accumulators. 2000 x 2500: 2000 warps, ~15 per SM, x 16 x 128 B = ~31 KB per SM (was
@@ -150,6 +150,8 @@ __device__ __forceinline__ float update_column(float* __restrict__ W, float* __r
 //   partial (n_chunks, n_in) with n_chunks = ceil(n_out / BU_ROWS), written if want_partial,
 //   vW (n_out, n_in) and vb (n_out,) velocities, used only when momentum != 0 (any array of the
 //   right type may be passed otherwise; it is not touched).
+//   hyper (2,) = {lr, momentum}, read from device memory rather than passed by value, so that a
+//   CUDA graph captured once replays with each epoch's learning rate (ops_mlp.Hyperparameters).
 // Grid (ceil(n_in / blockDim.x), n_chunks), blockDim.x = BU_COLS (any multiple of 32 >= BU_ROWS).
 // Thread (tile, chunk, t) owns column j = tile * blockDim.x + t for rows chunk*BU_ROWS ... +BU_ROWS:
 // reads each W[i, j] once, adds W[i, j] * delta_out[i] to its partial sum and writes the updated
@@ -162,14 +164,15 @@ extern "C" __global__ void backward_update_partial(float* __restrict__ W, float*
                                                    const float* __restrict__ x,
                                                    float* __restrict__ partial,
                                                    float* __restrict__ vW, float* __restrict__ vb,
-                                                   int n_out, int n_in, float lr, float momentum,
-                                                   int want_partial)
+                                                   const float* __restrict__ hyper,
+                                                   int n_out, int n_in, int want_partial)
 {
     const int chunk = blockIdx.y;
     const int row_begin = chunk * BU_ROWS;
     const int row_end = min(row_begin + BU_ROWS, n_out);
     const int rows = row_end - row_begin;
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const float lr = hyper[0], momentum = hyper[1];   // the same two floats for every thread
     const bool use_momentum = momentum != 0.0f;
 
     // The chunk's deltas, shared by every thread of the block (blockDim.x >= BU_ROWS).

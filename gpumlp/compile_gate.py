@@ -4,7 +4,8 @@ support, without spilling registers, and its resources are on record.
 Each source file is compiled once per architecture with the options CudaDevice uses, plus
 `-Xptxas=-v` so ptxas reports, per entry function: registers per thread, static shared memory,
 stack frame, spill stores/loads, barriers and constant memory. No GPU is needed: NVRTC compiles
-to cubin on the host.
+to cubin on the host. Nor a CUDA toolkit: the NVRTC wheel of the `test` extra is enough
+(tests/test_install.py runs the gate's tests with the system toolkit hidden).
 
 `python -m gpumlp.compile_gate --write` regenerates `cuda_kernels/RESOURCES.md`;
 `python -m gpumlp.compile_gate` checks every kernel and prints the table without writing it.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from gpumlp.device import KERNEL_DIR, cuda_compile_options
+from gpumlp.device import KERNEL_DIR, cuda_compile_options, toolkit_wheels_command
 
 # The GPU generations the project promises to run on: Turing, Ampere (A100, RTX 30), Ada, Hopper.
 # Every newer architecture the installed NVRTC knows is added to them (Blackwell and later);
@@ -151,7 +152,7 @@ def gate_archs() -> list[str]:
     missing = [a for a in REQUIRED_ARCHS if a not in supported]
     if missing:
         raise CompileError(f"NVRTC {nvrtc_version()} cannot compile for "
-                           f"{', '.join(f'sm_{a}' for a in missing)}; install nvidia-cuda-nvrtc 13.x")
+                           f"{', '.join(f'sm_{a}' for a in missing)}; {toolkit_wheels_command(13)}")
     newer = [a for a in supported if a > max(REQUIRED_ARCHS)]
     return [f"sm_{a}" for a in sorted({*REQUIRED_ARCHS, *newer})]
 
@@ -292,6 +293,12 @@ def main(argv=None) -> int:
     bad = [a for a in args.arch or [] if not re.fullmatch(r"sm_\d+", a)]
     if bad:
         parser.error(f"--arch must look like sm_90, got {bad[0]}")
+    try:
+        nvrtc_module().getVersion()
+    except Exception as error:  # no CuPy, or no NVRTC library where CuPy looks for one
+        print(f"error: NVRTC could not be loaded ({type(error).__name__}: {error}): "
+              f"pip install 'gpumlp[test]' (or {toolkit_wheels_command(13)})", file=sys.stderr)
+        return 2
     try:
         compiled = compile_all(args.arch or gate_archs())
     except CompileError as error:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from gpumlp.errors import ConfigError
@@ -11,6 +12,11 @@ from gpumlp.nets import PAPER_NETS, layer_sizes
 # text. 0.991 takes 1e-3 to the 1e-6 floor at epoch 766, so the rate keeps falling across the
 # paper's 800 epochs and sits at the floor only for the last few dozen.
 DEFAULT_LR_DECAY = 0.991
+
+# Settings a resumed run may change: where the data is, where and how often it is saved, and what it
+# runs on (the result stays the same on one device; both online engines give the same weights, bit
+# for bit). Every other setting is the run's identity.
+RESUMABLE = ("epochs", "data_dir", "device", "checkpoint_every", "checkpoint_minutes", "engine")
 
 
 @dataclass
@@ -37,6 +43,7 @@ class TrainConfig:
     device: str = "auto"
     out: str | None = None
     checkpoint_every: int = 10
+    checkpoint_minutes: float = 10.0
     graph_steps: int = 0  # samples per captured CUDA graph; 0 picks a size from the data
     engine: str = "auto"  # the online engine on a device: auto, graph or persistent
 
@@ -65,9 +72,32 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    @classmethod
+    def from_saved(cls, values, where: str) -> "TrainConfig":
+        """The settings a run recorded; ConfigError when any that defines the run is missing
+        (those a resume may set, RESUMABLE, fall back to their defaults)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} has no settings")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.name not in RESUMABLE]
+        if missing:
+            raise ConfigError(f"{where} lacks the settings {', '.join(missing)}")
+        config = cls.from_dict(values)
+        try:
+            validate(config)
+        except (TypeError, ValueError, KeyError) as error:  # a value of the wrong type
+            raise ConfigError(f"{where} holds an unusable setting ({error})") from None
+        return config
+
+
+FLOAT_SETTINGS = ("lr", "lr_decay", "lr_min", "momentum", "beta", "beta_1_7", "gamma", "sigma", "alpha",
+                  "checkpoint_minutes")
+
 
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError with one line for settings that cannot work."""
+    for name in FLOAT_SETTINGS:
+        if not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     checks = [
         (config.hidden is not None or config.net in PAPER_NETS, f"--net must be one of 1-5, got {config.net}"),
         (not config.hidden or all(h > 0 for h in config.hidden), "--hidden sizes must be positive"),
@@ -82,6 +112,8 @@ def validate(config: TrainConfig) -> None:
         (config.train_images is None or config.train_images >= 1, "--train-images must be at least 1"),
         (config.test_images is None or config.test_images >= 1, "--test-images must be at least 1"),
         (config.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (config.checkpoint_minutes > 0, "--checkpoint-minutes must be positive"),
+        (config.graph_steps >= 0, "--graph-steps must be 0 (chosen automatically) or more"),
         (config.sigma > 0, "--sigma must be positive"),
         (min(config.beta, config.beta_1_7, config.gamma, config.alpha) >= 0,
          "deformation amplitudes (--beta, --beta-1-7, --gamma, --alpha) must be non-negative"),

@@ -75,8 +75,14 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True,
                checksums: Mapping[str, str] | None = CANONICAL_SHA256) -> MNIST:
     """The training and test sets, verified against `checksums` (None skips that check), padded and
-    scaled. Files missing from the directory are downloaded into it when `download` is true."""
+    scaled. Files missing from the directory are downloaded into it when `download` is true.
+    Only the default directory is ever created: one named by --data-dir or $GPUMLP_DATA must exist,
+    so a typo is an error rather than a fresh folder and a download."""
     directory = resolve_data_dir(data_dir)
+    if directory != DEFAULT_DATA_DIR.expanduser() and not directory.is_dir():
+        origin = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+        raise DataError(f"the MNIST directory {directory} ({origin}) does not exist: check the path, or create "
+                        "the folder to download MNIST into it")
     train_images, train_labels = _load_pair(directory, TRAIN_IMAGES, TRAIN_LABELS, download, checksums)
     test_images, test_labels = _load_pair(directory, TEST_IMAGES, TEST_LABELS, download, checksums)
     return MNIST(train_images, train_labels, test_images, test_labels, directory)

@@ -10,11 +10,30 @@ from __future__ import annotations
 import hashlib
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-KERNEL_DIR = Path(os.environ.get("GPUMLP_KERNEL_DIR", Path(__file__).resolve().parent.parent / "cuda_kernels"))
+from gpumlp.errors import UserError
+
+
+KERNEL_DIR_ENV = "GPUMLP_KERNEL_DIR"
+
+
+def find_kernel_dir() -> Path:
+    """$GPUMLP_KERNEL_DIR when set; else the kernels a non-editable install put inside the package
+    (gpumlp/cuda_kernels/, see pyproject.toml); else the checkout's top-level cuda_kernels/ (a
+    clone, or an editable install)."""
+    override = os.environ.get(KERNEL_DIR_ENV)
+    if override:
+        return Path(override)
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "cuda_kernels"
+    return installed if installed.is_dir() else package_dir.parent / "cuda_kernels"
+
+
+KERNEL_DIR = find_kernel_dir()
 
 # Scalar types a kernel parameter may receive; anything else that is not an array is refused.
 KERNEL_SCALAR_TYPES = (np.int32, np.uint32, np.float32, np.uint64, np.int64)
@@ -110,6 +129,13 @@ class Device:
         """The kernel, loaded so that it can be launched cooperatively."""
         return self.kernel(filename, kernel_name)
 
+    @staticmethod
+    def allow_dynamic_shared(kernel, shared_mem: int) -> None:
+        """The opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize; CuPy's and the emulator's
+        max_dynamic_shared_size_bytes) that a launch with more than 48 KiB of shared memory needs."""
+        if kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = int(shared_mem)
+
     # -- memory ----------------------------------------------------------------------------------
     def asarray(self, host_array, dtype=None):
         return self.xp.asarray(np.ascontiguousarray(host_array, dtype=dtype))
@@ -161,37 +187,83 @@ class Graph:
 
 
 class EmulatedDevice(Device):
-    """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays."""
+    """Runs the unchanged .cu files on the CPU through gpumlp.emulator; arrays are numpy arrays.
+
+    The emulator's checks (gpumlp.emulator) are on as far as they cost little: memcheck (every
+    array argument between guard pages: the arrays this device allocates live there, others are
+    copied there for each launch; `memcheck=False` saves that in long training runs, never in
+    tests), flush_to_zero (as CuPy compiles), the GPU's launch limits, and initcheck:
+    `empty` returns NaN (floats) or 0xA5 bytes (other types), so a kernel that reads what nothing
+    wrote shows. poison_shared, reverse_threads, block_order and compare_block_orders are the
+    emulator's race finders (off by default); block_order_seed seeds the "random" order."""
 
     name = "CUDA emulator on the CPU"
     is_emulated = True
     xp = np
 
-    def __init__(self, poison_shared: bool = False, reverse_threads: bool = False):
+    # Every byte of what `empty` returns under initcheck, for arrays that are not floating point.
+    POISON_BYTE = 0xA5
+
+    def __init__(self, poison_shared: bool = False, reverse_threads: bool = False, memcheck: bool = True,
+                 initcheck: bool = True, flush_to_zero: bool = True, block_order: str = "launch",
+                 compare_block_orders: bool = False, block_order_seed: int = 0):
         super().__init__()
-        self.poison_shared = poison_shared
-        self.reverse_threads = reverse_threads
+        self.checks = dict(poison_shared=poison_shared, reverse_threads=reverse_threads, memcheck=memcheck,
+                           flush_to_zero=flush_to_zero, block_order=block_order,
+                           compare_block_orders=compare_block_orders, block_order_seed=block_order_seed)
+        self.initcheck = initcheck
 
     def _load_module(self, filename):
         from gpumlp import emulator
-        return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR],
-                                    poison_shared=self.poison_shared,
-                                    reverse_threads=self.reverse_threads)
+        return emulator.load_module(KERNEL_DIR / filename, include_dirs=[KERNEL_DIR], **self.checks)
+
+    def _allocate(self, shape, dtype) -> np.ndarray:
+        """Under memcheck, in a guarded region of its own, which memcheck checks without copying."""
+        if not self.checks["memcheck"]:
+            return np.empty(shape, dtype=dtype)
+        from gpumlp.emulator import guarded_empty
+        return guarded_empty(shape, dtype)
+
+    def asarray(self, host_array, dtype=None):
+        """A copy, as an upload to a GPU is."""
+        host_array = np.asarray(host_array, dtype=dtype)
+        array = self._allocate(host_array.shape, host_array.dtype)
+        np.copyto(array, host_array)
+        return array
+
+    def zeros(self, shape, dtype=np.float32):
+        array = self._allocate(shape, dtype)
+        array.fill(0)
+        return array
+
+    def empty(self, shape, dtype=np.float32):
+        array = self._allocate(shape, dtype)
+        if self.initcheck:
+            if array.dtype.kind in "fc":
+                array.fill(np.nan)
+            else:
+                array.view(np.uint8).fill(self.POISON_BYTE)
+        return array
 
     def resident_blocks(self, kernel, threads: int, shared_mem: int) -> int:
         """The largest cooperative grid: the nominal device's occupancy rule (registers unknown
-        here, so not counted), and no more threads than the emulator runs at once."""
-        from gpumlp.emulator import cooperative
-        shared = cooperative.static_shared_bytes(kernel.module) + int(shared_mem)
+        here, so not counted), and no more threads than the emulator runs at once; 0 where the
+        shared memory is more than a block may opt in to."""
+        from gpumlp.emulator import EmulatorError, cooperative
+        try:
+            self.allow_dynamic_shared(kernel, shared_mem)
+        except EmulatorError:
+            return 0
+        shared = kernel.module.static_shared_bytes(kernel.name) + int(shared_mem)
         return min(cooperative.resident_block_limit(threads, 0, shared), cooperative.MAX_THREADS // threads)
 
-    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, block_order: str = "launch",
-                           seed: int = 0) -> None:
-        """Every block resident at once; `block_order` ("launch", "reversed", "shuffled") is the
-        order the blocks run in between grid barriers."""
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
+        """Every block resident at once, the blocks in the device's block order between grid
+        barriers; `indirect`: the arrays the kernel reaches through addresses in its arguments,
+        which memcheck and compare_block_orders then cover too (gpumlp.emulator)."""
         check_kernel_args(kernel.name, args)
-        kernel.launch_cooperative(grid, block, tuple(args), shared_mem=int(shared_mem), block_order=block_order,
-                                  seed=seed)
+        self.allow_dynamic_shared(kernel, shared_mem)
+        kernel.launch_cooperative(grid, block, tuple(args), shared_mem=int(shared_mem), indirect=indirect)
 
     @contextmanager
     def capture(self):
@@ -216,20 +288,22 @@ class CudaDevice(Device):
 
     def __init__(self, device_id: int = 0):
         super().__init__()
-        import cupy
-        self.cupy = cupy
-        self.xp = cupy
         self._kernels = {}
-        cupy.cuda.Device(device_id).use()
-        props = cupy.cuda.runtime.getDeviceProperties(device_id)
-        self.properties = props
-        self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        # Non-blocking: no implicit ordering with the legacy default stream, which CuPy and other
-        # libraries may use while a graph is being captured here.
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.stream.use()
+        with gpu_setup_errors(f"CUDA device {device_id} could not be set up"):
+            import cupy
+            self.cupy = cupy
+            self.xp = cupy
+            cupy.cuda.Device(device_id).use()
+            props = cupy.cuda.runtime.getDeviceProperties(device_id)
+            self.properties = props
+            self.name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            # Non-blocking: no implicit ordering with the legacy default stream, which CuPy and other
+            # libraries may use while a graph is being captured here.
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.stream.use()
 
     def _load_module(self, filename):
+        # RawModule compiles lazily, at the first get_function (in Device.kernel).
         return self.cupy.RawModule(code=cuda_module_source(filename), options=cuda_compile_options(),
                                    name_expressions=None)
 
@@ -238,7 +312,8 @@ class CudaDevice(Device):
         cuModuleGetFunction every time, which the ~20 launches of every captured step need not."""
         key = (filename, kernel_name)
         if key not in self._kernels:
-            self._kernels[key] = super().kernel(filename, kernel_name)
+            with gpu_setup_errors(f"{filename} could not be compiled and loaded for {self.name}"):
+                self._kernels[key] = super().kernel(filename, kernel_name)
         return self._kernels[key]
 
     def launch(self, kernel, grid, block, args, shared_mem: int = 0) -> None:
@@ -268,21 +343,15 @@ class CudaDevice(Device):
         """The largest cooperative grid: resident blocks per SM from the occupancy API x SMs."""
         from cupy_backends.cuda.api import driver
         try:
-            self._allow_dynamic_shared(kernel, shared_mem)
+            self.allow_dynamic_shared(kernel, shared_mem)
         except driver.CUDADriverError:   # more than a block may opt in to: nothing is resident
             return 0
         per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
         return int(per_sm) * int(self.properties["multiProcessorCount"])
 
-    @staticmethod
-    def _allow_dynamic_shared(kernel, shared_mem: int) -> None:
-        if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
-            kernel.max_dynamic_shared_size_bytes = int(shared_mem)
-
-    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, block_order: str = "launch",
-                           seed: int = 0) -> None:
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
         check_kernel_args(getattr(kernel, "name", "kernel"), args)
-        self._allow_dynamic_shared(kernel, shared_mem)
+        self.allow_dynamic_shared(kernel, shared_mem)
         kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args),
                shared_mem=int(shared_mem), stream=self.stream)
 
@@ -290,17 +359,23 @@ class CudaDevice(Device):
         return int(array.data.ptr)
 
     def asarray(self, host_array, dtype=None):
-        # cupy.array with copy=True: always a device copy (cupy.asarray may wrap host memory when
-        # CUPY_ENABLE_UMP=1 on HMM/ATS systems). The copy is queued on our stream.
-        with self.stream:
-            return self.cupy.array(np.ascontiguousarray(host_array, dtype=dtype), copy=True)
+        """A device array of its own, filled from `host_array` by a copy queued on our stream.
+        Not cupy.asarray or cupy.array(copy=True): with CUPY_ENABLE_UMP=1 on an HMM/ATS system
+        both may hand back an array that wraps the host buffer itself (cupy._core.core
+        _array_default calls _try_skip_h2d_copy on numpy.array(obj, copy=None), which is `obj`
+        when dtype and layout already fit), so a later change to the host array would reach the
+        device. ndarray.set always copies into the device allocation."""
+        host = np.ascontiguousarray(host_array, dtype=dtype)
+        device_array = self.empty(host.shape, host.dtype)
+        device_array.set(host, stream=self.stream)
+        return device_array
 
     def zeros(self, shape, dtype=np.float32):
-        with self.stream:
+        with self.stream, gpu_setup_errors(f"a {shape} {np.dtype(dtype).name} array could not be allocated on {self.name}"):
             return self.cupy.zeros(shape, dtype=dtype)
 
     def empty(self, shape, dtype=np.float32):
-        with self.stream:
+        with self.stream, gpu_setup_errors(f"a {shape} {np.dtype(dtype).name} array could not be allocated on {self.name}"):
             return self.cupy.empty(shape, dtype=dtype)
 
     def to_host(self, array) -> np.ndarray:
@@ -333,21 +408,126 @@ class CudaDevice(Device):
                 "memory_bytes": int(self.properties["totalGlobalMem"])}
 
 
-def gpu_unavailable_reason() -> str | None:
-    """None when CuPy can reach a CUDA GPU, else one line saying why not (no CuPy, no driver, a
-    driver older than CuPy's CUDA -- cupy-cuda13x needs an R580+ driver --, or no device)."""
+class GpuSetupError(UserError):
+    """CuPy or CUDA could not set up the GPU, load a kernel or allocate: one line, no traceback."""
+
+
+@contextmanager
+def gpu_setup_errors(what: str):
+    """Turns a CuPy/CUDA error raised inside (CuPy's own exception classes, and the RuntimeError,
+    MemoryError, OSError or ImportError that CUDA, NVRTC and library loading raise) into a
+    GpuSetupError saying `what` failed and why. Anything else is a bug and stays a traceback."""
+    try:
+        yield
+    except Exception as error:
+        from_cupy = type(error).__module__.split(".")[0] in ("cupy", "cupy_backends")
+        if isinstance(error, UserError) or not (from_cupy or isinstance(error, (RuntimeError, MemoryError, OSError,
+                                                                                ImportError))):
+            raise
+        raise GpuSetupError(f"{what}: {type(error).__name__}: {error}") from error
+
+
+# A kernel the probe compiles through CuPy (the same RawModule path, headers and all, as the
+# trainer's kernels) and runs: each of 32 threads writes 2 * its index + 1.
+PROBE_SOURCE = r'''extern "C" __global__ void gpumlp_probe(int* out) { out[threadIdx.x] = 2 * threadIdx.x + 1; }'''
+PROBE_THREADS = 32
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """What probe_gpu found: ok and a description of the GPU, or not ok and one line saying why."""
+    ok: bool
+    why: str = ""
+    description: str = ""
+
+
+def cuda_version_text(version: int) -> str:
+    """CUDA's integer version (13020) as text (13.2); 0 is what the runtime reports for no driver."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def toolkit_wheels_command(cuda_major: int) -> str:
+    """The NVRTC and CUDA-runtime-header wheels of one CUDA major, which CuPy compiles with."""
+    return f"pip install 'cuda-toolkit[cudart,nvrtc]=={cuda_major}.*'"
+
+
+def probe_gpu(device_id: int = 0) -> GpuProbe:
+    """Whether the trainer can use GPU `device_id`, found by doing what it does: import CuPy, check
+    the driver against the CUDA that CuPy was built for, create the context, check the GPU's
+    architecture against the ones NVRTC compiles for, then compile, launch and check one tiny
+    kernel. Never raises."""
     try:
         import cupy
-    except Exception as error:  # ImportError, or a CUDA library CuPy could not load
-        return f"CuPy could not be imported ({type(error).__name__}: {error})"
+    except ImportError:
+        return GpuProbe(False, "CuPy is not installed: pip install 'gpumlp[cuda13]' (NVIDIA driver "
+                               "R580 or newer) or 'gpumlp[cuda12]' (R525 or newer)")
+    except Exception as error:  # CuPy is there but a CUDA library it needs could not be loaded
+        return GpuProbe(False, f"CuPy could not be imported ({type(error).__name__}: {error})")
+    runtime = cupy.cuda.runtime
     try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # CUDARuntimeError: no driver, or one too old for CuPy's runtime
-        return f"CuPy found no usable CUDA driver ({error})"
-    return None if count > 0 else "the CUDA driver reports no device"
+        driver_version, runtime_version = runtime.driverGetVersion(), runtime.runtimeGetVersion()
+    except Exception as error:
+        return GpuProbe(False, f"CuPy could not query the CUDA versions ({type(error).__name__}: {error})")
+    cuda_major = runtime_version // 1000
+    built_for = f"CuPy {cupy.__version__} is built for CUDA {cuda_version_text(runtime_version)}"
+    if driver_version == 0:
+        return GpuProbe(False, "no NVIDIA driver is installed (the CUDA runtime finds none)")
+    if driver_version // 1000 < cuda_major:
+        other = (f"; or, to keep this driver: pip uninstall cupy-cuda{cuda_major}x && pip install "
+                 f"'gpumlp[cuda{driver_version // 1000}]'" if driver_version // 1000 >= 12 else "")
+        return GpuProbe(False, f"the NVIDIA driver supports CUDA {cuda_version_text(driver_version)} "
+                               f"but {built_for}: update the driver{other}")
+    try:
+        count = runtime.getDeviceCount()
+    except Exception as error:
+        return GpuProbe(False, f"the CUDA runtime could not count the GPUs ({type(error).__name__}: {error})")
+    if count <= device_id:
+        return GpuProbe(False, f"the NVIDIA driver (CUDA {cuda_version_text(driver_version)}) reports "
+                               f"{count} GPU(s), so there is no device {device_id}")
+    try:
+        props = runtime.getDeviceProperties(device_id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        arch = 10 * int(props["major"]) + int(props["minor"])
+    except Exception as error:
+        return GpuProbe(False, f"GPU {device_id} could not be queried ({type(error).__name__}: {error})")
+    try:
+        nvrtc_version = "{}.{}".format(*cupy.cuda.nvrtc.getVersion())
+        archs = sorted(cupy.cuda.nvrtc.getSupportedArchs())
+        oldest, newest = archs[0], archs[-1]
+    except Exception as error:
+        return GpuProbe(False, f"NVRTC could not be loaded ({type(error).__name__}: {error}): "
+                               f"{toolkit_wheels_command(cuda_major)}")
+    gpu = f"{name} (sm_{arch})"
+    # Newer than NVRTC's newest: CuPy compiles PTX for that one and the driver translates it.
+    if arch not in archs and arch < newest:
+        way_out = (f": pip uninstall cupy-cuda{cuda_major}x && pip install 'gpumlp[cuda12]' (NVRTC 12 "
+                   f"compiles for sm_50 and newer)" if cuda_major >= 13 and arch >= 50 else "")
+        return GpuProbe(False, f"{gpu} is not among the architectures NVRTC {nvrtc_version} compiles for "
+                               f"(sm_{oldest} to sm_{newest}){way_out}")
+    try:
+        with cupy.cuda.Device(device_id):
+            stream = cupy.cuda.Stream(non_blocking=True)
+            kernel = cupy.RawModule(code=PROBE_SOURCE, options=("-std=c++17",)).get_function("gpumlp_probe")
+            with stream:
+                out = cupy.zeros(PROBE_THREADS, dtype=np.int32)
+            kernel((1,), (PROBE_THREADS,), (out,), stream=stream)
+            result = cupy.asnumpy(out, stream=stream)
+    except Exception as error:
+        hint = f" ({toolkit_wheels_command(cuda_major)})" if "CUDA headers" in str(error) else ""
+        return GpuProbe(False, f"a test kernel could not be compiled and run on {gpu}: "
+                               f"{type(error).__name__}: {' '.join(str(error).split())}{hint}")
+    if not np.array_equal(result, 2 * np.arange(PROBE_THREADS) + 1):
+        return GpuProbe(False, f"a test kernel gave wrong results on {gpu}")
+    return GpuProbe(True, description=f"{gpu}, driver for CUDA {cuda_version_text(driver_version)}, "
+                                      f"{built_for}, NVRTC {nvrtc_version}")
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when the trainer can use a CUDA GPU (probe_gpu), else one line saying why not."""
+    probe = probe_gpu()
+    return None if probe.ok else probe.why
 
 
 def gpu_available() -> bool:
-    """True when CuPy can reach a CUDA GPU; never raises (no CuPy, no driver, or no device: all
-    mean "no GPU here")."""
-    return gpu_unavailable_reason() is None
+    """True when the trainer can use a CUDA GPU; never raises."""
+    return probe_gpu().ok

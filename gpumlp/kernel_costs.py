@@ -44,6 +44,13 @@ def cost_model(kernel_name: str):
 F32 = 4   # bytes of a float32, int32 or the cursor
 
 
+def uses_momentum(p) -> bool:
+    """Whether an update kernel's launch takes the momentum path: the momentum itself is in device
+    memory (ops_mlp.Hyperparameters), but without it the launchers pass W and b as placeholder
+    velocities, so real velocity arrays mean momentum."""
+    return p["vW"] is not p["W"]
+
+
 @cost_model("layer_forward_mv")
 def _layer_forward_mv(p) -> Cost:
     n_out, n_in = int(p["n_out"]), int(p["n_in"])
@@ -56,7 +63,7 @@ def _layer_forward_mv(p) -> Cost:
 @cost_model("backward_update_partial")
 def _backward_update_partial(p) -> Cost:
     n_out, n_in = int(p["n_out"]), int(p["n_in"])
-    momentum = float(p["momentum"]) != 0.0
+    momentum = uses_momentum(p)
     chunks = ops_mlp.partial_rows(n_out)
     weights = n_out * n_in
     # read and write W and b (and their velocities), read delta_out and x, write the partials
@@ -94,7 +101,7 @@ def _backprop_delta_gemm(p) -> Cost:
 @cost_model("sgd_update_gemm")
 def _sgd_update_gemm(p) -> Cost:
     batch, n_out, n_in = int(p["batch"]), int(p["n_out"]), int(p["n_in"])
-    momentum = float(p["momentum"]) != 0.0
+    momentum = uses_momentum(p)
     weights = n_out * n_in
     traffic = batch * n_out + batch * n_in + 2 * (weights + n_out) * (2 if momentum else 1)
     # the gradient product, then per weight: /B, *lr, the step (1; 3 with momentum); biases alike

@@ -59,6 +59,7 @@ def philox_fill(device, indices, out, n_blocks: int, seed, epoch, threads: int =
 
     indices (N,) int32, out (N, n_blocks * 4) uint32, device arrays."""
     n = int(indices.shape[0])
+    check_array("philox_fill", "indices", indices, (n,), np.int32)
     check_array("philox_fill", "out", out, (n, n_blocks * 4), np.uint32)
     total = n * n_blocks
     if total == 0:

@@ -40,13 +40,30 @@ def _blocks(n: int, per_block: int) -> int:
     return max(1, -(-int(n) // per_block))
 
 
-def _velocities(kernel, W, b, momentum, velocity_W, velocity_b):
+class Hyperparameters:
+    """The learning rate and momentum in device memory, `array` = float32 [lr, momentum], which the
+    update kernels read through a pointer: a graph captured once then replays with whatever lr was
+    last written (set_lr, queued on the device's stream before the replays). The momentum is fixed
+    for the object's life, so a launcher can tell on the host whether velocities are needed."""
+
+    def __init__(self, device, lr=0.0, momentum=0.0):
+        self.device = device
+        self.momentum = float(np.float32(momentum))
+        self.array = device.asarray(np.array([lr, momentum], np.float32))
+
+    def set_lr(self, lr) -> None:
+        with self.device.on_stream():
+            self.array[0] = np.float32(lr)
+
+
+def _velocities(kernel, W, b, hyper: Hyperparameters, velocity_W, velocity_b):
     """The velocity arrays to pass: the real ones with momentum, else W and b as placeholders
     (the kernels never touch them when momentum == 0)."""
-    if float(momentum) == 0.0:
+    check_array(kernel, "hyper", hyper.array, (2,))
+    if hyper.momentum == 0.0:
         return W, b
     if velocity_W is None or velocity_b is None:
-        raise ValueError(f"{kernel}: momentum {float(momentum)} needs velocity_W and velocity_b")
+        raise ValueError(f"{kernel}: momentum {hyper.momentum} needs velocity_W and velocity_b")
     check_array(kernel, "velocity_W", velocity_W, tuple(W.shape))
     check_array(kernel, "velocity_b", velocity_b, tuple(b.shape))
     return velocity_W, velocity_b
@@ -80,12 +97,13 @@ def layer_forward_mv(device, W, b, x, y, activate: bool) -> None:
                   (W, b, x, y, np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
 
 
-def backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum=0.0,
+def backward_update_partial(device, W, b, delta_out, x, partial, hyper: Hyperparameters,
                             velocity_W=None, velocity_b=None, want_partial: bool = True) -> None:
     """One pass over W: partial[c] = delta_out[chunk c] @ W_old[chunk c] (if want_partial), and
-    W, b (and velocities) take the SGD step for the sample. W (n_out, n_in), b (n_out,),
-    delta_out (n_out,) or (1, n_out), x (n_in,) or (1, n_in) the layer's input, partial: at
-    least partial_elements(n_out, n_in) floats (only the first are written, as (chunks, n_in))."""
+    W, b (and velocities) take the SGD step for the sample with hyper's lr and momentum.
+    W (n_out, n_in), b (n_out,), delta_out (n_out,) or (1, n_out), x (n_in,) or (1, n_in) the
+    layer's input, partial: at least partial_elements(n_out, n_in) floats (only the first are
+    written, as (chunks, n_in))."""
     name = "backward_update_partial"
     n_out, n_in = (int(s) for s in W.shape)
     check_array(name, "W", W, (n_out, n_in))
@@ -95,11 +113,11 @@ def backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum=0.
     if partial.dtype != np.float32 or not partial.flags.c_contiguous or partial.size < partial_elements(n_out, n_in):
         raise ValueError(f"{name}: partial must be a C-contiguous float32 array of at least "
                          f"{partial_elements(n_out, n_in)} elements, got {partial.dtype} {tuple(partial.shape)}")
-    vW, vb = _velocities(name, W, b, momentum, velocity_W, velocity_b)
+    vW, vb = _velocities(name, W, b, hyper, velocity_W, velocity_b)
     kernel = device.kernel(ONLINE, name)
     device.launch(kernel, (_blocks(n_in, BU_COLS), partial_rows(n_out)), (BU_COLS,),
-                  (W, b, delta_out, x, partial, vW, vb, np.int32(n_out), np.int32(n_in),
-                   np.float32(lr), np.float32(momentum), np.int32(bool(want_partial))))
+                  (W, b, delta_out, x, partial, vW, vb, hyper.array, np.int32(n_out), np.int32(n_in),
+                   np.int32(bool(want_partial))))
 
 
 def backward_reduce(device, partial, y_in, delta_in, n_out: int) -> None:
@@ -148,8 +166,9 @@ def backprop_delta_gemm(device, W, delta_out, y_in, delta_in) -> None:
                   (delta_out, W, y_in, delta_in, np.int32(batch), np.int32(n_out), np.int32(n_in)))
 
 
-def sgd_update_gemm(device, W, b, delta_out, X, lr, momentum=0.0, velocity_W=None, velocity_b=None) -> None:
-    """W, b (and velocities) take the SGD step on the batch-mean gradient delta_out^T X / B.
+def sgd_update_gemm(device, W, b, delta_out, X, hyper: Hyperparameters, velocity_W=None, velocity_b=None) -> None:
+    """W, b (and velocities) take the SGD step on the batch-mean gradient delta_out^T X / B, with
+    hyper's lr and momentum.
     W (n_out, n_in), b (n_out,), delta_out (B, n_out), X (B, n_in) the layer's input."""
     name = "sgd_update_gemm"
     n_out, n_in = (int(s) for s in W.shape)
@@ -158,11 +177,10 @@ def sgd_update_gemm(device, W, b, delta_out, X, lr, momentum=0.0, velocity_W=Non
     check_array(name, "b", b, (n_out,))
     check_array(name, "delta_out", delta_out, (batch, n_out))
     check_array(name, "X", X, (batch, n_in))
-    vW, vb = _velocities(name, W, b, momentum, velocity_W, velocity_b)
+    vW, vb = _velocities(name, W, b, hyper, velocity_W, velocity_b)
     kernel = device.kernel(BATCH, name)
     device.launch(kernel, (_blocks(n_in, GEMM_TILE), _blocks(n_out, GEMM_TILE)), (GEMM_THREADS,),
-                  (delta_out, X, W, b, vW, vb, np.int32(batch), np.int32(n_out), np.int32(n_in),
-                   np.float32(lr), np.float32(momentum)))
+                  (delta_out, X, W, b, vW, vb, hyper.array, np.int32(batch), np.int32(n_out), np.int32(n_in)))
 
 
 # ---- shared: train_step.cu -------------------------------------------------------------------
@@ -230,7 +248,7 @@ def layer_forward(device, W, b, x, y, activate: bool) -> None:
         layer_forward_gemm(device, W, b, x, y, activate)
 
 
-def backward_update(device, W, b, delta_out, x, delta_below, partial, lr, momentum=0.0,
+def backward_update(device, W, b, delta_out, x, delta_below, partial, hyper: Hyperparameters,
                     velocity_W=None, velocity_b=None) -> None:
     """The backward pass and SGD step of one layer: delta_below = (delta_out W_old) * f'(x) unless
     delta_below is None (the first layer), and W, b take the step on the mean gradient.
@@ -238,14 +256,14 @@ def backward_update(device, W, b, delta_out, x, delta_below, partial, lr, moment
     below), delta_below (B, n_in) or None, partial the online workspace (see partial_rows)."""
     batch = 1 if delta_out.ndim == 1 else int(delta_out.shape[0])
     if batch == 1:
-        backward_update_partial(device, W, b, delta_out, x, partial, lr, momentum, velocity_W, velocity_b,
+        backward_update_partial(device, W, b, delta_out, x, partial, hyper, velocity_W, velocity_b,
                                 want_partial=delta_below is not None)
         if delta_below is not None:
             backward_reduce(device, partial, x, delta_below, int(W.shape[0]))
     else:
         if delta_below is not None:
             backprop_delta_gemm(device, W, delta_out, x, delta_below)
-        sgd_update_gemm(device, W, b, delta_out, x, lr, momentum, velocity_W, velocity_b)
+        sgd_update_gemm(device, W, b, delta_out, x, hyper, velocity_W, velocity_b)
 
 
 KERNELS = {ONLINE: ("layer_forward_mv", "backward_update_partial", "backward_reduce"),

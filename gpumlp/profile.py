@@ -32,7 +32,7 @@ from gpumlp.device import KERNEL_DIR, CudaDevice, Device, Graph, check_kernel_ar
 from gpumlp.gpu_limits import (A100, ARCH_LIMITS, GTX_280, H100, ArchLimits, Peak, arch_limits, arch_number,
                                fp32_lanes_per_sm, known_peak, theoretical_occupancy)
 from gpumlp.kernel_costs import BYTES_PER_WEIGHT_ONLINE, bound_seconds, launch_cost, online_bytes_per_image
-from gpumlp.results import PAPER_EPOCHS, paper_net_id
+from gpumlp.results import PAPER_EPOCHS, paper_net_id, plural
 
 MNIST_TRAIN_IMAGES = 60_000
 DEFAULT_ARCH = "sm_90"
@@ -166,6 +166,7 @@ def record_epoch(device, workload: Workload, lr: float = 1e-3):
     trainer = DeviceTrainer(device, params, split, config, log=lambda line: print(line, file=sys.stderr))
     with device.recording() as launches:
         trainer.train_epoch(1, lr, np.arange(n, dtype=np.int32))
+    trainer.graphs.clear()   # what the recorder "captured" replays nothing: never reuse it
     if device.captures != 1:
         raise RuntimeError(f"the trainer captured {device.captures} graphs for an epoch of {n} images "
                            f"at batch size {workload.batch_size}; the profiler expects exactly one step")
@@ -352,9 +353,9 @@ def time_launches(device, trainer, launches, rows: list[Row], info: GpuInfo, tim
 
 def time_graph(trainer, workload: Workload, steps: int, timer: Timer) -> dict:
     """`steps` whole steps captured by the trainer itself (capture_steps -> launch_step) and
-    replayed as one CUDA graph: the time per image as training sees it, L2 warm."""
-    lr = np.float32(1e-3)
-    graph = trainer.capture_steps(steps, workload.batch_size, lr)
+    replayed as one CUDA graph: the time per image as training sees it, L2 warm (with the lr
+    record_epoch left in the trainer's device memory)."""
+    graph = trainer.capture_steps(steps, workload.batch_size)
     replay_us = timer.median_us(graph.replay, before=lambda: trainer.cursor.fill(0), flush=False)
     images = steps * workload.batch_size
     return {"steps": steps, "images": images, "replay_us": replay_us, "per_image_us": replay_us / images}
@@ -451,10 +452,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
-
-
 def render(report: dict) -> str:
     timed = report["device"] is not None
     sizes = report["sizes"]
@@ -494,11 +491,11 @@ def render(report: dict) -> str:
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     t, s, B = report["totals"], report["summary"], report["batch_size"]
     lines.append("")
-    lines.append(f"step ({_plural(t['step']['launches'], 'launch', 'launches')}, {_plural(B, 'image')}): "
+    lines.append(f"step ({plural(t['step']['launches'], 'launch', 'launches')}, {plural(B, 'image')}): "
                  f"{t['step']['bytes'] / 1e6:.3f} MB, {t['step']['flops'] / 1e6:.3f} MFLOP"
                  + (f", {t['step']['time_us']:.1f} us in kernels" if "time_us" in t["step"] else ""))
-    lines.append(f"epoch kernels ({_plural(t['epoch']['launches'], 'launch', 'launches')} for "
-                 f"{_plural(report['epoch_images'], 'image')}): "
+    lines.append(f"epoch kernels ({plural(t['epoch']['launches'], 'launch', 'launches')} for "
+                 f"{plural(report['epoch_images'], 'image')}): "
                  f"{t['epoch']['bytes'] / 1e6:.3f} MB, {t['epoch']['flops'] / 1e6:.3f} MFLOP"
                  + (f", {t['epoch']['time_us'] / 1e3:.2f} ms" if "time_us" in t["epoch"] else ""))
     lines.append(f"per image: {s['step_bytes_per_image'] / 1e6:.3f} MB in the step's kernels, "
@@ -652,8 +649,12 @@ def main(argv=None) -> int:
         return 0
     print(render(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as error:
+            print(f"error: cannot write --json {args.json}: {error.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

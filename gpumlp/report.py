@@ -1,13 +1,14 @@
-"""`python -m gpumlp.report RUN_DIR`: the pictures a reader looks at after a run, and report.md.
+"""`python -m gpumlp.report RUN_DIR [--out DIR]`: the pictures a reader looks at after a run, and
+report.md.
 
-Written into the run directory:
+Written into the run directory (or into --out DIR, the run directory then only read):
     curves.png        loss; training, validation and test error per epoch (linear and log scale)
     filters.png       receptive fields of the first layer's first 100 units (best.npz)
     deformations.png  training digits beside their deformations in the run's first epochs, made
                       by the code the run used (CUDA kernel, emulated kernel, or numpy reference)
     errors.png        every misclassified test digit at the best-validation epoch, and correct ones
     training.gif      receptive fields and curves across the epochs (snapshots/)
-    report.md         the summary beside the paper's numbers, linking the pictures
+    report.md         the summary beside the paper's numbers, linking the pictures; every setting
 
 Matplotlib is imported only when drawing.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,12 @@ import numpy as np
 from gpumlp import nets
 from gpumlp.commands import OneLineErrorParser, run_command
 from gpumlp.errors import UserError
-from gpumlp.results import (PAPER_EPOCHS, FinishedRun, duration, load_predictions, load_run, markdown_table,
-                            paper_net_id, percent)
+from gpumlp.results import (PAPER_EPOCHS, FinishedRun, duration, load_predictions, load_run, load_split,
+                            markdown_table, paper_net_id, percent, plural)
 from gpumlp.rundir import RunDir, RunDirError
 
 SIDE = 29
+DEFORMATION_TITLE_POINTS = 9
 DEFORMED_EPOCHS = 6            # columns of deformations.png: what epochs 1..6 showed the net
 MAX_ERRORS_SHOWN = 500         # an early, poor net can get thousands wrong; the picture stays legible
 CORRECT_SAMPLE = 40
@@ -72,10 +76,11 @@ def _gray(plt):
 
 # -- curves.png ----------------------------------------------------------------------------------
 def readable_axes(ax, log: bool) -> None:
-    """Whole-epoch ticks; on a log axis plain numbers (0.5, 2, 20, not 5x10^-1): at 1, 2, 3 and 5 of
-    each decade, or at every tick when the axis spans less than a decade."""
+    """Whole-epoch ticks (one at least, so a 1-epoch run gets its 1, not 0.995 and 1.005); on a log
+    axis plain numbers (0.5, 2, 20, not 5x10^-1): at 1, 2, 3 and 5 of each decade, or at every tick
+    when the axis spans less than a decade."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if log:
         def plain_label(value, _position):
             low, high = ax.get_ylim()
@@ -85,6 +90,19 @@ def readable_axes(ax, log: bool) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(plain_label))
         ax.yaxis.set_minor_formatter(FuncFormatter(plain_label))
     ax.grid(alpha=0.3, which="both")
+
+
+def epoch_limits(epochs: list) -> tuple[float, float]:
+    """The x range of a curve: half an epoch beyond its ends, so even one epoch has a width."""
+    pad = max(0.5, 0.02 * (epochs[-1] - epochs[0]))
+    return epochs[0] - pad, epochs[-1] + pad
+
+
+def log_error_limits(percents: list) -> tuple[float, float]:
+    """The y range of a log error axis: the values with a margin, never above 110% (an error rate
+    cannot pass 100%, and matplotlib widens a narrow log range by whole decades, to 1000%)."""
+    low, high = min(percents), max(percents)
+    return low / 1.3, min(high * 1.3, 110.0)
 
 
 def line_style(points: int) -> str:
@@ -100,14 +118,14 @@ def error_series(validation: str):
             ("test_error", "test", "tab:green"))
 
 
-def plot_curves(metrics: list, best_val_epoch: int, validation: str, path: Path) -> None:
+def curves_figure(metrics: list, best_val_epoch: int, validation: str):
     plt = _pyplot()
     epochs = [r["epoch"] for r in metrics]
     style = line_style(len(epochs))
     fig, (loss_ax, err_ax, log_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
     loss_ax.plot(epochs, [r["train_loss"] for r in metrics], style, ms=3, color="tab:purple")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean cross-entropy")
-    readable_axes(loss_ax, log=False)
+    logged = [100 * max(r[key], 1e-5) for r in metrics for key, _, _ in error_series(validation)]
     for ax, log in ((err_ax, False), (log_ax, True)):
         for key, label, colour in error_series(validation):
             ax.plot(epochs, [100 * (max(r[key], 1e-5) if log else r[key]) for r in metrics], style, ms=3,
@@ -116,11 +134,20 @@ def plot_curves(metrics: list, best_val_epoch: int, validation: str, path: Path)
             ax.axvline(best_val_epoch, color="gray", ls=":", label=f"best validation (epoch {best_val_epoch})")
         ax.set(title=f"error rate ({'log' if log else 'linear'} scale)", xlabel="epoch", ylabel="error %",
                yscale="log" if log else "linear")
-        readable_axes(ax, log)
+        if log:
+            ax.set_ylim(*log_error_limits(logged))
+    for ax in (loss_ax, err_ax, log_ax):
+        ax.set_xlim(*epoch_limits(epochs))
+        readable_axes(ax, log=ax is log_ax)
     err_ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(metrics: list, best_val_epoch: int, validation: str, path: Path) -> None:
+    fig = curves_figure(metrics, best_val_epoch, validation)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 # -- filters.png ---------------------------------------------------------------------------------
@@ -129,7 +156,7 @@ def plot_filters(W: np.ndarray, epoch: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 7.4))
     ax.imshow(mosaic(normalise_units(W), 10), cmap=_gray(plt), vmin=-1, vmax=1, interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(f"first-layer receptive fields, {len(W)} units, epoch {epoch} (best validation)\n"
+    ax.set_title(f"first-layer receptive fields, {plural(len(W), 'unit')}, epoch {epoch} (best validation)\n"
                  "each unit scaled to its own largest weight; white = positive, black = negative",
                  fontsize=9)
     fig.tight_layout()
@@ -168,11 +195,19 @@ def one_of_each_digit(labels: np.ndarray) -> np.ndarray:
     return np.array([int(np.flatnonzero(labels == d)[0]) for d in range(10) if (labels == d).any()], np.int32)
 
 
-def plot_deformations(originals, rows_of_deformed, epochs, title: str, path: Path) -> None:
+def wrap_to_width(lines: list[str], width_inches: float, fontsize: float) -> str:
+    """The lines, each wrapped to fit a figure this wide (a character is at most ~0.6 em wide)."""
+    characters = max(20, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, characters) for line in lines)
+
+
+def deformations_figure(originals, rows_of_deformed, epochs, title_lines: list[str]):
     plt = _pyplot()
     columns = [originals, *rows_of_deformed]
     tiles = np.stack(columns, axis=1).reshape(-1, originals.shape[1])   # digit-major: a row per digit
-    fig, ax = plt.subplots(figsize=(1 + 0.75 * len(columns), 1.2 + 0.75 * len(originals)))
+    width = 1 + 0.75 * len(columns)
+    title = wrap_to_width(title_lines, width, DEFORMATION_TITLE_POINTS)
+    fig, ax = plt.subplots(figsize=(width, 1 + 0.75 * len(originals) + 0.17 * (title.count("\n") + 1)))
     ax.imshow(mosaic(tiles, len(columns), gap=3), cmap=_gray(plt), vmin=-1, vmax=1, interpolation="nearest")
     step = SIDE + 3
     ax.set_xticks([SIDE / 2 + k * step for k in range(len(columns))],
@@ -181,10 +216,9 @@ def plot_deformations(originals, rows_of_deformed, epochs, title: str, path: Pat
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=DEFORMATION_TITLE_POINTS)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def draw_deformations(run: FinishedRun, train_images, train_labels, path: Path) -> str:
@@ -204,12 +238,16 @@ def draw_deformations(run: FinishedRun, train_images, train_labels, path: Path) 
                 for e in epochs]
     engine_name = {"reference": "numpy reference", "emulator": "CUDA kernel on the CPU emulator",
                    "cuda": "CUDA kernel on the GPU"}[engine]
-    used = "" if settings.augment else " -- NOT used by this run (--no-augment)"
-    title = (f"training digits as epochs 1-{DEFORMED_EPOCHS} deform them (seed {settings.seed}; {engine_name}){used}\n"
+    unused = "NOT used by this run (--no-augment)"
+    title = [f"training digits as epochs 1-{DEFORMED_EPOCHS} deform them (seed {settings.seed}; {engine_name})",
+             *([] if settings.augment else [unused]),
              f"rotation/shear up to {cfg.beta:g} deg ({cfg.beta_1_7:g} for 1 and 7), scaling up to "
-             f"{cfg.gamma:g}%, elastic sigma {cfg.sigma:g}, alpha {cfg.alpha:g}")
-    plot_deformations(train_images[indices], deformed, epochs, title, path)
-    return f"made by the {engine_name}{note}{used}"
+             f"{cfg.gamma:g}%, elastic sigma {cfg.sigma:g}, alpha {cfg.alpha:g}"]
+    plt = _pyplot()
+    fig = deformations_figure(train_images[indices], deformed, epochs, title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"made by the {engine_name}{note}" + ("" if settings.augment else f" -- {unused}")
 
 
 # -- errors.png ------------------------------------------------------------------------------------
@@ -222,10 +260,11 @@ def plot_errors(test_images, labels, predicted, path: Path, seed: int = 0) -> No
     shown_wrong = wrong[:MAX_ERRORS_SHOWN]
     rng = np.random.default_rng(seed)
     shown_correct = np.sort(rng.choice(correct, size=min(CORRECT_SAMPLE, len(correct)), replace=False))
-    panels = [(shown_wrong, "tab:red", f"{len(wrong)} misclassified test digits"
+    panels = [(shown_wrong, "tab:red", f"{plural(len(wrong), 'misclassified test digit')}"
                + (f" (first {MAX_ERRORS_SHOWN} shown)" if len(wrong) > MAX_ERRORS_SHOWN else "")
                + ": true label → network's answer"),
-              (shown_correct, "tab:green", f"a sample of {len(shown_correct)} of the {len(correct)} correct ones")]
+              (shown_correct, "tab:green", f"a sample of {len(shown_correct)} of the {len(correct)} correct "
+               + ("one" if len(correct) == 1 else "ones"))]
     panels = [p for p in panels if len(p[0])]
     rows = [-(-len(p[0]) // MOSAIC_COLUMNS) for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 0.56 * sum(rows) + 0.5 * len(panels)),
@@ -329,19 +368,40 @@ def summary_table(run: FinishedRun) -> str:
     return markdown_table(["", "test error at best validation", "best test error", "epochs", "training time"], rows)
 
 
+def setting_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_table(settings: dict) -> str:
+    """Every setting of the run under the flag that sets it (config.json's `settings`)."""
+    from gpumlp.config import TrainConfig
+    complete = TrainConfig.from_dict(settings).to_dict()
+    rows = [["deformation (off with --no-augment)" if name == "augment" else f"`--{name.replace('_', '-')}`",
+             setting_value(value)] for name, value in complete.items()]
+    return markdown_table(["setting", "value"], rows)
+
+
 def write_markdown(run: FinishedRun, wrong: np.ndarray, n_test: int, deformation_note: str,
                    gif_frames: int, path: Path) -> None:
     settings, s = run.settings, run.summary
     net = paper_net_id(run.sizes)
     name = f"net {net} of the paper, " if net is not None else ""
     deformation = ("digits deformed anew every epoch" if settings["augment"]
-                   else "undeformed digits (--no-augment)")
+                   else "undeformed, --no-augment")
     text = f"""# Run report: {run.path.name}
 
 {name}{nets.describe(run.sizes)} ({nets.count_weights(run.sizes):,} weights); {s['epochs_completed']} of \
-{s['epochs_planned']} epochs, batch size {settings['batch_size']}, learning rate {settings['lr']:g} \
-(x{settings['lr_decay']:g} per epoch), seed {settings['seed']}; {run.config.get('train_images', '?')} training \
-images ({deformation}), {n_test} test images; trained on {s['device']}; code {run.config.get('code_version', '?')}.
+{plural(s['epochs_planned'], 'epoch')}, batch size {settings['batch_size']}, learning rate {settings['lr']:g} \
+(x{settings['lr_decay']:g} per epoch, floor {settings['lr_min']:g}), momentum {settings['momentum']:g}, seed \
+{settings['seed']}; {plural(run.config.get('train_images'), 'training image')} ({deformation}), \
+{plural(n_test, 'test image')}; trained on \
+{s['device']}; code {run.config.get('code_version', '?')}. Run directory: `{run.path}`.
 
 {summary_table(run)}
 The paper trained for {PAPER_EPOCHS} epochs on all 60,000 digits; a shorter or smaller run is not expected to reach
@@ -366,10 +426,13 @@ run's seed and settings (the same numbers the training saw), {deformation_note}.
 
 ![errors](errors.png)
 
-## Training, epoch by epoch ({gif_frames} snapshots)
+## Training, epoch by epoch ({plural(gif_frames, 'snapshot')})
 
 ![training](training.gif)
-"""
+
+## Settings
+
+{settings_table(settings)}"""
     path.write_text(text)
 
 
@@ -377,24 +440,29 @@ run's seed and settings (the same numbers the training saw), {deformation_note}.
 def load_test_and_train_data(run: FinishedRun, data_dir, test_labels: np.ndarray):
     """The run's training and test images, from the run's data directory (or data_dir), checked
     against the labels predictions.npz was written with."""
-    from gpumlp import data   # looked up at call time, so a test can substitute load_mnist
-    from gpumlp.training import make_split
-    from gpumlp.config import TrainConfig
-    settings = TrainConfig.from_dict(run.settings)
-    mnist = data.load_mnist(data_dir or settings.data_dir, download=False)
-    split = make_split(mnist, settings)
+    split = load_split(run.settings, data_dir)
     if not np.array_equal(split.test_labels, test_labels):
-        raise UserError(f"{run.path}: the test labels in predictions.npz differ from the test set in "
-                        f"{mnist.source}; pass the run's data with --data-dir")
+        raise UserError(f"{run.path}: the test labels in predictions.npz differ from the test set loaded "
+                        "now; pass the run's data with --data-dir")
     return split.train_images, split.train_labels, split.test_images
 
 
-def write_report(run_path, data_dir=None, log=print) -> Path:
+def writable_folder(out: Path, run: FinishedRun) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        advice = "write the report elsewhere with --out DIR" if out == run.path else "choose another --out"
+        raise UserError(f"cannot write into {out}: {advice}")
+    return out
+
+
+def write_report(run_path, data_dir=None, out=None, log=print) -> Path:
+    """The pictures and report.md of a run, written into `out` (default: the run directory, which
+    is only read otherwise)."""
     run = load_run(run_path)
     probs, test_labels = load_predictions(run.path)
     params = RunDir(run.path).load_params("best")
     train_images, train_labels, test_images = load_test_and_train_data(run, data_dir, test_labels)
-    out = run.path
+    out = writable_folder(Path(out) if out else run.path, run)
     plot_curves(run.metrics, run.summary["best_val_epoch"], run.settings["validation"], out / "curves.png")
     plot_filters(params[0][0][:100], run.summary["best_val_epoch"], out / "filters.png")
     deformation_note = draw_deformations(run, train_images, train_labels, out / "deformations.png")
@@ -406,8 +474,8 @@ def write_report(run_path, data_dir=None, log=print) -> Path:
     gif_frames = write_gif(snapshots, run.metrics, run.settings["validation"], out / "training.gif")
     write_markdown(run, np.flatnonzero(predicted != test_labels), len(test_labels), deformation_note,
                    gif_frames, out / "report.md")
-    log(f"wrote curves.png, filters.png, deformations.png, errors.png, training.gif ({gif_frames} frames) "
-        f"and report.md in {out}")
+    log(f"wrote curves.png, filters.png, deformations.png, errors.png, training.gif "
+        f"({plural(gif_frames, 'frame')}) and report.md in {out}")
     return out / "report.md"
 
 
@@ -417,9 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw a finished (or interrupted) run: training curves, first-layer receptive "
                     "fields, deformation samples, misclassified test digits, an animated GIF of the "
                     "training, and report.md tying them to the paper's numbers; all written into "
-                    "the run directory.")
+                    "the run directory, or into --out.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by reproduce_2010.py")
     parser.add_argument("--data-dir", help="MNIST directory, when it is not the one the run recorded")
+    parser.add_argument("--out", metavar="DIR", help="write the report here (created if missing) instead "
+                        "of into RUN_DIR, which is then only read (default: RUN_DIR)")
     return parser
 
 
@@ -427,7 +497,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
-        write_report(args.run_dir, args.data_dir)
+        write_report(args.run_dir, args.data_dir, args.out)
         return 0
 
     return run_command(command)

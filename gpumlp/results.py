@@ -51,6 +51,16 @@ def load_predictions(path) -> tuple[np.ndarray, np.ndarray]:
         return np.array(data["best_val_probs"]), np.array(data["test_labels"])
 
 
+def load_split(settings: dict, data_dir=None):
+    """The training, validation and test arrays a run used (training.Split), from data_dir or else
+    the data directory the run recorded; never downloads."""
+    from gpumlp import data   # looked up at call time, so a test can substitute load_mnist
+    from gpumlp.config import TrainConfig
+    from gpumlp.training import make_split
+    config = TrainConfig.from_dict(settings)
+    return make_split(data.load_mnist(data_dir or config.data_dir, download=False), config)
+
+
 def paper_net_id(sizes) -> int | None:
     """The paper's net (1-5) with exactly these layer sizes, else None."""
     for net, hidden in nets.PAPER_NETS.items():
@@ -62,6 +72,12 @@ def paper_net_id(sizes) -> int | None:
 # -- formatting ------------------------------------------------------------------------------------
 def percent(fraction) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.2f}"
+
+
+def plural(count: int | None, noun: str, plural_form: str | None = None) -> str:
+    """'1 epoch', '2 epochs', '10,000 test digits', '? epochs' for an unknown count (plural_form for
+    nouns that do not take an s)."""
+    return f"{'?' if count is None else f'{count:,}'} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def duration(seconds: float) -> str:

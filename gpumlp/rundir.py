@@ -1,8 +1,11 @@
 """The run directory: what a training run leaves behind, always written atomically.
 
-    config.json           every setting, the code version, the device
+    config.json           every setting (the plan, updated when a resume changes it), the code
+                          version, the device
+    train.log             everything the command printed, appended on every resume
     metrics.jsonl / .csv  one record per epoch (METRIC_FIELDS)
-    checkpoint.npz        parameters and velocities after the last checkpointed epoch (resume)
+    checkpoint.npz        parameters and velocities after the last checkpointed epoch (resume);
+                          epoch 0 (the initial weights) from the moment the directory exists
     best.npz              parameters at the epoch of best validation error
     predictions.npz       test-set softmax outputs at the best-validation epoch and at the end
     snapshots/epoch_NNNN.npz  first-layer weights and the metrics so far, for the report's GIF
@@ -16,12 +19,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from gpumlp import stop_signals
 from gpumlp.errors import UserError
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "val_error", "test_error", "seconds"]
@@ -37,8 +43,13 @@ class RunDirError(UserError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and
+    a stop signal waits until the rename is done."""
+    with stop_signals.held():
+        _write_then_rename(Path(path), data)
+
+
+def _write_then_rename(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
@@ -114,26 +125,70 @@ def default_run_dir(base: str = "runs") -> Path:
     return path
 
 
+def read_config(file: Path) -> dict:
+    """A config.json as reproduce_2010.py writes it (a "settings" object at least); RunDirError
+    with one line otherwise."""
+    try:
+        config = json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{file} not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirError(f"{file} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise RunDirError(f"{file} cannot be read ({error.strerror or error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
+        raise RunDirError(f'{file} has no "settings": not a config.json written by reproduce_2010.py')
+    return config
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
 
     # -- creation and resume -------------------------------------------------------------------
-    def create(self, config: dict) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
+    def check_new(self) -> None:
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            hint = (f"continue it with --resume {self.path}" if (self.path / "config.json").is_file()
+                    else "it is not a run directory")
             raise RunDirError(f"run directory {self.path} already exists and is not empty; "
-                              f"choose another --out or continue it with --resume {self.path}")
-        (self.path / "snapshots").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / "config.json", config)
-        self.write_metrics([])
+                              f"choose another --out ({hint})")
+
+    def create(self, config: dict, initial_state: dict) -> None:
+        """The directory appears whole or not at all: config.json, empty metrics and the epoch-0
+        checkpoint (initial_state, the weights before training) are written into a hidden sibling,
+        which is then renamed into place. So a run directory is always resumable."""
+        self.check_new()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with stop_signals.held():
+            staging = RunDir(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
+            try:
+                os.chmod(staging.path, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+                (staging.path / "snapshots").mkdir()
+                atomic_write_json(staging.path / "config.json", config)
+                staging.write_metrics([])
+                staging.save_checkpoint(0, initial_state, {"epoch": 0, "val_error": np.inf})
+                if self.path.exists():
+                    self.path.rmdir()  # empty, as checked
+                os.rename(staging.path, self.path)
+            except BaseException:
+                shutil.rmtree(staging.path, ignore_errors=True)
+                raise
 
     def load_config(self) -> dict:
-        try:
-            return json.loads((self.path / "config.json").read_text())
-        except FileNotFoundError:
-            raise RunDirError(f"{self.path} is not a run directory (no config.json)") from None
-        except json.JSONDecodeError as error:
-            raise RunDirError(f"{self.path}/config.json is not valid JSON ({error})") from None
+        if not (self.path / "config.json").is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no config.json)")
+        return read_config(self.path / "config.json")
+
+    def update_config(self, changes: dict, facts: dict | None = None) -> None:
+        """Records settings a resume changed (a longer plan, another device...) in config.json, and
+        `facts` of the resumed run beside them (the engine it trains with)."""
+        config = self.load_config()
+        config["settings"] = {**config["settings"], **changes}
+        config.update(facts or {})
+        atomic_write_json(self.path / "config.json", config)
+
+    def log_path(self) -> Path:
+        return self.path / "train.log"
 
     # -- metrics -------------------------------------------------------------------------------
     def read_metrics(self) -> list[dict]:
@@ -164,11 +219,28 @@ class RunDir:
         path = self.path / "checkpoint.npz"
         if not path.exists():
             raise RunDirError(f"{self.path} has no checkpoint.npz to resume from")
-        with np.load(path) as data:
-            state = {"params": arrays_to_params("", data),
-                     "velocities": arrays_to_params("velocity_", data)}
-            best = {"epoch": int(data["best_epoch"]), "val_error": float(data["best_val_error"])}
-            return int(data["epoch"]), state, best
+        try:
+            with np.load(path) as data:
+                state = {"params": arrays_to_params("", data),
+                         "velocities": arrays_to_params("velocity_", data)}
+                best = {"epoch": int(data["best_epoch"]), "val_error": float(data["best_val_error"])}
+                epoch = int(data["epoch"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise RunDirError(f"{path} is unreadable ({error}); the run cannot be resumed") from None
+        if not state["params"]:
+            raise RunDirError(f"{path} holds no weights; the run cannot be resumed")
+        return epoch, state, best
+
+    def checkpoint_epoch(self) -> int:
+        """The last epoch checkpoint.npz holds (0: the initial weights)."""
+        path = self.path / "checkpoint.npz"
+        if not path.exists():
+            raise RunDirError(f"{self.path} has no checkpoint.npz to resume from")
+        try:
+            with np.load(path) as data:
+                return int(data["epoch"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise RunDirError(f"{path} is unreadable ({error}); the run cannot be resumed") from None
 
     def save_best(self, epoch: int, params) -> None:
         atomic_write_npz(self.path / "best.npz", epoch=np.int64(epoch), **params_to_arrays("", params))

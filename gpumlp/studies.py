@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 from gpumlp import cli
-from gpumlp.commands import OneLineErrorParser, run_command
+from gpumlp.commands import EXIT_INTERRUPTED, OneLineErrorParser, run_command
+from gpumlp.config import TrainConfig
 from gpumlp.errors import UserError
-from gpumlp.results import FinishedRun, duration, load_run, markdown_table, percent
+from gpumlp.results import FinishedRun, duration, load_run, markdown_table, percent, plural
+from gpumlp.rundir import RunDir
 
 
 class TrainingFailed(Exception):
@@ -36,15 +38,36 @@ def refuse_flags(passthrough: list[str], flags: tuple, why: str) -> None:
             raise UserError(f"{argument.split('=')[0]} cannot be passed through: {why}")
 
 
+# Settings that say where a run reads and writes, not what it computes: a rerun may change them.
+WHERE_SETTINGS = ("out", "data_dir", "checkpoint_every")
+
+
+def settings_of(flags: list[str]) -> dict:
+    """The settings reproduce_2010.py would train with under these flags (in any order or spelling)."""
+    return cli.config_from_args(cli.build_parser().parse_args(flags)).to_dict()
+
+
+def differing_settings(recorded: dict, wanted: dict) -> list[str]:
+    """'name RECORDED, not WANTED' for every setting that changes what the run computes."""
+    recorded = TrainConfig.from_dict(recorded).to_dict()   # a setting added since takes its default
+    return [f"{name} {recorded[name]}, not {wanted[name]}" for name in wanted
+            if name not in WHERE_SETTINGS and recorded[name] != wanted[name]]
+
+
 def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
     """reproduce_2010.py FLAGS --out RUN_DIR, unless RUN_DIR already holds that run: finished, it is
-    reused; interrupted, it is resumed. A RUN_DIR made with other flags is an error."""
+    reused; interrupted, it is resumed. A RUN_DIR made with other settings is an error."""
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.json"
-    if config_file.is_file():
-        recorded = json.loads(config_file.read_text()).get("command", [])[1:]
-        if recorded[:-2] != flags:
-            raise UserError(f"{run_dir} holds a run made with other flags ({' '.join(recorded[:-2])}); "
+    wanted = settings_of([*flags, "--out", str(run_dir)])
+    if (run_dir / "config.json").is_file():
+        config = RunDir(run_dir).load_config()
+        recorded = config.get("settings") if isinstance(config, dict) else None
+        if not isinstance(recorded, dict):
+            raise UserError(f"{run_dir}/config.json records no settings: not a run this study made; "
+                            "choose another --out")
+        differences = differing_settings(recorded, wanted)
+        if differences:
+            raise UserError(f"{run_dir} holds a run made with other settings ({'; '.join(differences)}); "
                             "choose another --out")
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -52,22 +75,34 @@ def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
             log(f"{run_dir}: finished earlier, reused")
             return load_run(run_dir)
         log(f"{run_dir}: unfinished, resuming")
-        code = cli.main(["--resume", str(run_dir)])
+        data_dir = ["--data-dir", wanted["data_dir"]] if wanted["data_dir"] else []
+        code = cli.main(["--resume", str(run_dir), *data_dir])
     else:
         log(f"training: reproduce_2010.py {' '.join(flags)} --out {run_dir}")
         code = cli.main([*flags, "--out", str(run_dir)])
+    if code == EXIT_INTERRUPTED:
+        advise_rerun(f", and {run_dir} up to its last saved epoch")
     if code != 0:
         raise TrainingFailed(code)
     return load_run(run_dir)
 
 
+def advise_rerun(kept: str = "") -> None:
+    print(f"interrupted: every finished run is kept{kept}; run the same command again to continue",
+          file=sys.stderr)
+
+
 def run_study(action) -> int:
-    """run_command, plus: a failed training run returns its own exit code (its error is printed)."""
+    """run_command, plus: a failed training run returns its own exit code (its error is printed),
+    and Ctrl-C between the runs says how to continue."""
     def guarded() -> int:
         try:
             return action()
         except TrainingFailed as failure:
             return failure.code
+        except KeyboardInterrupt:
+            advise_rerun()
+            return EXIT_INTERRUPTED
     return run_command(guarded)
 
 
@@ -85,9 +120,11 @@ RESULT_HEADER = ["test error at best validation [%]", "best test error [%]", "fi
 def describe_setting(run: FinishedRun) -> str:
     from gpumlp import nets
     s, settings = run.summary, run.settings
-    return (f"net {nets.describe(run.sizes)}, {s['epochs_completed']} epochs, batch size {settings['batch_size']}, "
-            f"learning rate {settings['lr']:g}, {run.config.get('train_images', '?')} training and "
-            f"{run.config.get('test_images', '?')} test images, on {s['device']}")
+    images = (f"{plural(run.config.get('train_images'), 'training image')} and "
+              f"{plural(run.config.get('test_images'), 'test image')}")
+    return (f"net {nets.describe(run.sizes)}, {plural(s['epochs_completed'], 'epoch')}, batch size "
+            f"{settings['batch_size']}, learning rate {settings['lr']:g}, momentum {settings['momentum']:g}, "
+            f"{images}, on {s['device']}")
 
 
 def write_table(out: Path, name: str, text: str) -> None:
@@ -129,7 +166,7 @@ def seeds(out: Path, count: int, first_seed: int, passthrough: list[str]) -> int
     final = mean_and_std([run.summary["final_test_error"] for _, run in runs])
     rows.append([f"**mean ± std of {count}**", *[f"**{percent(m)} ± {percent(s)}**" for m, s in
                                                 (at_best_val, best_test, final)], ""])
-    text = (f"## Seeds: {count} runs differing only in the seed\n\n"
+    text = (f"## Seeds: {plural(count, 'run')} differing only in the seed\n\n"
             f"Every run: {describe_setting(runs[0][1])}. The seed sets the initial weights, the order "
             "of the digits and the deformations. Standard deviation: the sample one (n - 1).\n\n"
             + markdown_table(["seed", *RESULT_HEADER], rows))

@@ -33,18 +33,28 @@ class CpuTrainer:
         self.deform_config = deform_config
         self.seed = seed
 
-    def deformed_training_set(self, epoch: int) -> np.ndarray:
+    def deformed_training_set(self, epoch: int, progress=None) -> np.ndarray:
+        """Every training image deformed for this epoch, in pieces so `progress` can report (an
+        image's deformation depends on its index alone, so the pieces equal one call)."""
         if self.deform_config is None:
             return self.train_images
-        from gpumlp.deform import deform_images_ref
-        indices = np.arange(len(self.train_images), dtype=np.int32)
-        return deform_images_ref(self.train_images, self.train_labels, indices, self.seed, epoch,
-                                 self.deform_config)[0]
+        from gpumlp.deform import CHUNK, THREADS, deform_images_ref
+        n = len(self.train_images)
+        indices = np.arange(n, dtype=np.int32)
+        deformed = np.empty_like(self.train_images)
+        piece = CHUNK * THREADS
+        for start in range(0, n, piece):
+            sl = slice(start, start + piece)
+            deformed[sl] = deform_images_ref(self.train_images[sl], self.train_labels[sl], indices[sl],
+                                             self.seed, epoch, self.deform_config)[0]
+            if progress is not None:
+                progress(min(start + piece, n), stage="deforming")
+        return deformed
 
     def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
         """One pass over the training set in `order`; returns (mean loss, error rate) measured on
         the deformed samples before each update."""
-        images = self.deformed_training_set(epoch)
+        images = self.deformed_training_set(epoch, progress)
         loss_total, wrong_total = 0.0, 0
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]

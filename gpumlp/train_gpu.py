@@ -2,10 +2,12 @@
 
 The dataset is uploaded once. Each epoch the deformation kernel makes every deformed image on the
 device; then the per-sample launch sequence (gather, forward, softmax, backward+update, finish) for
-`graph_steps` consecutive steps is captured once into a graph and replayed for every chunk of the
+`graph_steps` consecutive steps is captured into a graph and replayed for every chunk of the
 epoch. The kernels read the position in the epoch from a device counter that the last kernel of a
-step advances, so one graph serves every chunk, and only two numbers per epoch (the summed loss and
-error count) come back to the host. On the emulator the same launches are recorded and replayed.
+step advances, and the learning rate from device memory written before each epoch's replays, so
+each distinct graph (the full chunk, the remainder, the tail batch) is captured once per run and
+replayed in every epoch; only two numbers per epoch (the summed loss and error count) come back to
+the host. On the emulator the same launches are recorded and replayed.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ class DeviceTrainer:
         self.device = device
         self.config = config
         self.batch_size = config.batch_size
-        self.momentum = np.float32(config.momentum)
         self.deform_config = config.deform_config()
         self.seed = config.seed
         self.sizes = config.sizes
@@ -57,6 +58,8 @@ class DeviceTrainer:
         self._eval_cache = {}
         self.eval_activations = [d.empty((self.eval_batch, n)) for n in self.sizes[1:]]
 
+        self.hyper = ops_mlp.Hyperparameters(d, config.lr, config.momentum)
+        self.graphs = {}   # (steps, B) -> Graph, captured at first use
         self.params = [(d.asarray(W), d.asarray(b)) for W, b in params]
         self.velocities = [(d.zeros(W.shape), d.zeros(b.shape)) for W, b in params] if config.momentum else None
         self.buffers = {B: self.step_buffers(B) for B in {self.batch_size, self.n_train % self.batch_size} if B}
@@ -103,7 +106,7 @@ class DeviceTrainer:
         }
 
     # -- training --------------------------------------------------------------------------------
-    def launch_step(self, B: int, lr: np.float32) -> None:
+    def launch_step(self, B: int) -> None:
         """The launch sequence of one training step on the next B samples of the epoch."""
         d, buf = self.device, self.buffers[B]
         ops_mlp.gather_batch(d, self.epoch_images, self.train_labels, self.order, self.cursor,
@@ -119,17 +122,43 @@ class DeviceTrainer:
             vW, vb = self.velocities[layer] if self.velocities else (None, None)
             delta_below = buf["deltas"][layer - 1] if layer else None
             ops_mlp.backward_update(d, W, b, buf["deltas"][layer], inputs[layer], delta_below,
-                                    buf["partial"], lr, self.momentum, vW, vb)
+                                    buf["partial"], self.hyper, vW, vb)
         ops_mlp.finish_step(d, buf["loss"], buf["wrong"], self.loss_total, self.wrong_total, self.cursor)
 
-    def capture_steps(self, steps: int, B: int, lr: np.float32):
+    def capture_steps(self, steps: int, B: int):
         with self.device.capture() as graph:
             for _ in range(steps):
-                self.launch_step(B, lr)
+                self.launch_step(B)
         return graph
 
-    def begin_epoch(self, epoch: int, order: np.ndarray) -> None:
-        """The epoch's deformed images, its order, and the cursor and totals set to zero."""
+    def graph(self, steps: int, B: int):
+        """The graph of `steps` steps of batch size B, captured the first time it is asked for."""
+        if (steps, B) not in self.graphs:
+            self.graphs[steps, B] = self.capture_steps(steps, B)
+        return self.graphs[steps, B]
+
+    def epoch_plan(self, n_samples: int) -> list[tuple[int, int, int]]:
+        """(steps, B, replays) of the graphs that train an epoch of n_samples: full chunks of
+        graph_steps steps, the remaining full steps, and a tail step of the last n_samples mod B."""
+        B = self.batch_size
+        full_steps, tail = divmod(n_samples, B)
+        chunk = min(self.graph_steps, full_steps)
+        plan = [(chunk, B, full_steps // chunk)] if chunk else []
+        if chunk and full_steps % chunk:
+            plan.append((full_steps % chunk, B, 1))
+        if tail:
+            plan.append((1, tail, 1))
+        return plan
+
+    def capture_graphs(self, n_samples: int) -> None:
+        """Capture now every graph an epoch of n_samples replays (train_epoch would at first use),
+        e.g. to keep the capture out of a timed region."""
+        for steps, B, _ in self.epoch_plan(n_samples):
+            self.graph(steps, B)
+
+    def begin_epoch(self, epoch: int, lr: float, order: np.ndarray) -> None:
+        """The epoch's deformed images, its order, the cursor and totals set to zero and its
+        learning rate, all queued before the epoch's training launches."""
         d = self.device
         if self.deform_config is not None:
             ops_deform.deform_images(d, self.train_images, self.train_labels, None, self.epoch_images,
@@ -139,6 +168,7 @@ class DeviceTrainer:
             self.cursor.fill(0)
             self.loss_total.fill(0)
             self.wrong_total.fill(0)
+        self.hyper.set_lr(lr)
 
     def epoch_totals(self, n_images: int) -> tuple[float, float]:
         """(mean loss, error rate) of the epoch just trained, from the device totals."""
@@ -149,22 +179,15 @@ class DeviceTrainer:
         return loss, wrong / n_images
 
     def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
-        B = self.batch_size
-        lr = np.float32(lr)
-        self.begin_epoch(epoch, order)
-        full_steps, tail = divmod(len(order), B)
-        chunk = min(self.graph_steps, full_steps)
-        if chunk:
-            graph = self.capture_steps(chunk, B, lr)
-            for done in range(0, full_steps - full_steps % chunk, chunk):
+        self.begin_epoch(epoch, lr, order)
+        done = 0
+        for steps, B, replays in self.epoch_plan(len(order)):
+            graph = self.graph(steps, B)
+            for _ in range(replays):
                 graph.replay()
+                done += steps * B
                 if progress is not None:
-                    progress((done + chunk) * B)
-        remaining = full_steps % chunk if chunk else 0
-        if remaining:
-            self.capture_steps(remaining, B, lr).replay()
-        if tail:
-            self.capture_steps(1, tail, lr).replay()
+                    progress(done)
         return self.epoch_totals(len(order))
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -125,34 +125,30 @@ class PersistentTrainer(DeviceTrainer):
         self.plan = plan_launch(d, self.kernel, self.sizes, blocks, weights_in_shared)
         log(f"persistent engine: {self.plan.why}")
         self.launch_steps = LAUNCH_STEPS_EMULATED if d.is_emulated else LAUNCH_STEPS_CUDA
-        self.block_order, self.block_order_seed = "launch", 0   # emulator only: see launch_cooperative
         activations = self.buffers[1]["activations"]
-        table = []
+        # The arrays the kernel reaches through the table's addresses: the device's own
+        # allocations, so that the emulator's memcheck guards them (EmulatedDevice.launch_cooperative).
+        self.layer_arrays = []
         for layer, (W, b) in enumerate(self.params):
             vW, vb = self.velocities[layer] if self.velocities else (W, b)   # untouched without momentum
-            table += [d.address(a) for a in (W, b, vW, vb, activations[layer])]
-        self.layer_table = d.asarray(np.array(table, np.uint64))
+            self.layer_arrays += [W, b, vW, vb, activations[layer]]
+        self.layer_table = d.asarray(np.array([d.address(a) for a in self.layer_arrays], np.uint64))
         self.layer_sizes = d.asarray(np.array(self.sizes, np.int32))
         partials = sum(c * n_in for c, n_in in zip(layer_chunks(self.sizes)[1:], self.sizes[1:-1]))
         self.partial = d.empty(max(partials, 1))
-        self.hyper = d.zeros(2)
         self.barrier = d.zeros(1, np.uint32)
 
     def launch(self, steps: int) -> None:
         """`steps` online SGD steps from the device cursor on, in one cooperative launch."""
         args = (self.layer_table, self.layer_sizes, self.partial, self.epoch_images, self.train_labels, self.order,
-                self.cursor, self.loss_total, self.wrong_total, self.hyper, self.barrier,
+                self.cursor, self.loss_total, self.wrong_total, self.hyper.array, self.barrier,
                 np.int32(len(self.sizes) - 1), np.int32(steps), np.int32(self.n_train),
                 np.int32(self.plan.weights_in_shared))
-        kwargs = {"block_order": self.block_order, "seed": self.block_order_seed} if self.device.is_emulated else {}
         self.device.launch_cooperative(self.kernel, (self.plan.blocks,), (PERSISTENT_THREADS,), args,
-                                       shared_mem=self.plan.shared_bytes, **kwargs)
+                                       shared_mem=self.plan.shared_bytes, indirect=self.layer_arrays)
 
     def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
-        d = self.device
-        self.begin_epoch(epoch, order)
-        with d.on_stream():
-            self.hyper[...] = d.asarray(np.array([lr, self.momentum], np.float32))
+        self.begin_epoch(epoch, lr, order)   # lr into self.hyper, which the kernel reads
         for done in range(0, len(order), self.launch_steps):
             steps = min(self.launch_steps, len(order) - done)
             self.launch(steps)

@@ -8,9 +8,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
+from gpumlp import stop_signals
 from gpumlp.config import TrainConfig
 from gpumlp.errors import ConfigError, UserError
+from gpumlp.results import duration
 from gpumlp.rundir import RunDir, snapshot_epochs, weights_sha256
 
 
@@ -47,6 +50,21 @@ def make_split(mnist, config: TrainConfig) -> Split:
     return Split(images, labels, images, labels, test_images, test_labels)
 
 
+def clamp_notes(mnist, config: TrainConfig) -> list[str]:
+    """What the run uses where a setting asks for more than there is (make_split and the trainers
+    clamp silently; the command prints these lines)."""
+    notes = []
+    for flag, asked, name, available in (("--train-images", config.train_images, "training", len(mnist.train_labels)),
+                                         ("--test-images", config.test_images, "test", len(mnist.test_labels))):
+        if asked is not None and asked > available:
+            notes.append(f"{flag} {asked:,}: the data has {count(available, name + ' image')}; using all {available:,}")
+    n_train = len(make_split(mnist, config).train_labels)
+    if config.batch_size > n_train:
+        notes.append(f"--batch-size {config.batch_size:,} is more than the {count(n_train, 'training image')}: "
+                     f"each step takes all {n_train:,}")
+    return notes
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order in which epoch `epoch` presents the n training images; a function of (seed, epoch)
     alone so that a resumed run sees the same order."""
@@ -57,27 +75,56 @@ def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(axis=1) != labels)) if len(labels) else 0.0
 
 
+def count(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs', '60,000 images'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def long_duration(seconds: float) -> str:
+    text = duration(seconds)
+    return f"{text} ({seconds / 86400:.1f} days)" if seconds >= 2 * 86400 else text
+
+
+PLAIN_PROGRESS_SECONDS = 30  # without a terminal, one progress line at most this often
+
+
 class Progress:
-    """A one-line progress bar on stderr for long epochs, only when stderr is a terminal."""
+    """Progress of one epoch's stages ('deforming', 'training') on `stream`: on a terminal a tqdm bar
+    with images/s and the stage's ETA, cleared when the epoch ends or is interrupted; otherwise a
+    plain line at most every PLAIN_PROGRESS_SECONDS (so logs of batch jobs stay readable)."""
 
-    def __init__(self, total: int, epoch: int):
+    def __init__(self, total: int, epoch: int, stream=None):
         self.total, self.epoch = total, epoch
-        self.enabled = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self.last = 0.0
+        self.stream = stream or sys.stderr
+        self.on_terminal = self.stream.isatty()
+        self.bar = None
+        self.stage = None
+        self.stage_started = self.last_line = time.perf_counter()
 
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < 0.5:
+    def __call__(self, done: int, stage: str = "training") -> None:
+        if stage != self.stage:
+            self.stage, self.stage_started = stage, time.perf_counter()
+            if self.bar is not None:
+                self.bar.reset(self.total)
+                self.bar.set_description(f"epoch {self.epoch} {stage}")
+        if self.on_terminal:
+            with stop_signals.held():  # a bar half made would be left on the screen
+                if self.bar is None:
+                    self.bar = tqdm(total=self.total, desc=f"epoch {self.epoch} {stage}", unit="img",
+                                    file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5)
+                self.bar.update(done - self.bar.n)
             return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        sys.stderr.write(f"\r  epoch {self.epoch}: {done}/{self.total} images, {rate:,.0f} img/s ")
-        sys.stderr.flush()
+        now = time.perf_counter()
+        if now - self.last_line >= PLAIN_PROGRESS_SECONDS and done:
+            self.last_line = now
+            rate = done / max(now - self.stage_started, 1e-9)
+            print(f"  epoch {self.epoch} {stage}: {done:,}/{self.total:,} images, {rate:,.1f} images/s, "
+                  f"{duration((self.total - done) / rate)} to the end of the stage", file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.last:
-            sys.stderr.write("\r" + " " * 70 + "\r")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 EPOCH_HEADER = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_err%':>10} {'val_err%':>8} {'test_err%':>9} {'seconds':>8}"
@@ -91,14 +138,19 @@ def format_record(r: dict) -> str:
 class Run:
     """Drives a trainer through the epochs and keeps the run directory current."""
 
-    def __init__(self, config: TrainConfig, split: Split, trainer, run_dir: RunDir, out=print):
+    def __init__(self, config: TrainConfig, split: Split, trainer, run_dir: RunDir, out=print,
+                 progress_stream=None):
+        """The run directory already holds the epoch-0 checkpoint (RunDir.create)."""
         self.config, self.split, self.trainer, self.run_dir, self.out = config, split, trainer, run_dir, out
+        self.progress_stream = progress_stream
         self.records: list[dict] = []
         self.best = {"epoch": 0, "val_error": math.inf}
         self.best_val_probs = None
         self.final_probs = None
         self.last_good = (0, trainer.get_state())
-        self.checkpointed_epoch = -1
+        self.checkpointed_epoch = 0
+        self.checkpointed_at = time.monotonic()
+        self.session_seconds: list[float] = []
         self.snapshots = snapshot_epochs(config.epochs)
 
     def resume(self) -> int:
@@ -115,6 +167,7 @@ class Run:
                 self.final_probs = data["final_probs"]
         self.last_good = (epoch, state)
         self.checkpointed_epoch = epoch
+        self.checkpointed_at = time.monotonic()
         return epoch + 1
 
     def train(self, first_epoch: int = 1) -> dict:
@@ -131,15 +184,22 @@ class Run:
         started = time.perf_counter()
         lr = config.learning_rate(epoch)
         order = epoch_order(config.seed, epoch, len(split.train_labels))
-        progress = Progress(len(order), epoch)
-        train_loss, train_error = self.trainer.train_epoch(epoch, lr, order, progress)
-        progress.close()
+        progress = Progress(len(order), epoch, self.progress_stream)
+        try:
+            train_loss, train_error = self.trainer.train_epoch(epoch, lr, order, progress)
+        finally:
+            progress.close()  # before any message: an interrupted bar leaves no trace
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
                 f"the training loss became {train_loss} in epoch {epoch} (learning rate {lr:g}); "
                 f"the run directory keeps epoch {self.last_good[0]}: lower --lr and start again")
         val_probs = self.trainer.predict_probs(split.val_images)
         test_probs = self.trainer.predict_probs(split.test_images)
+        with stop_signals.held():  # the epoch is recorded whole, or (on a stop before here) not at all
+            self.commit_epoch(epoch, lr, train_loss, train_error, val_probs, test_probs, started)
+
+    def commit_epoch(self, epoch, lr, train_loss, train_error, val_probs, test_probs, started) -> None:
+        config, split = self.config, self.split
         record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_error": train_error,
                   "val_error": error_rate(val_probs, split.val_labels),
                   "test_error": error_rate(test_probs, split.test_labels),
@@ -155,20 +215,30 @@ class Run:
         if epoch in self.snapshots:
             self.run_dir.save_snapshot(epoch, state["params"][0][0])
         self.last_good = (epoch, state)
-        if epoch % config.checkpoint_every == 0:
+        minutes_since_checkpoint = (time.monotonic() - self.checkpointed_at) / 60
+        if epoch % config.checkpoint_every == 0 or minutes_since_checkpoint >= config.checkpoint_minutes:
             self.checkpoint()
         self.write_summary()
-        self.out(format_record(record))
+        self.session_seconds.append(record["seconds"])
+        self.out(format_record(record) + self.run_eta(epoch))
+
+    def run_eta(self, epoch: int) -> str:
+        """'  run ETA ...' from the mean epoch time of this session, or '' after the last epoch."""
+        left = self.config.epochs - epoch
+        if not left:
+            return ""
+        return f"  run ETA {long_duration(left * sum(self.session_seconds) / len(self.session_seconds))}"
 
     def checkpoint(self) -> None:
         """Save the state after the last completed epoch (never a half-trained one)."""
         epoch, state = self.last_good
-        if epoch == self.checkpointed_epoch or epoch == 0:
+        if epoch == self.checkpointed_epoch:
             return
         self.run_dir.save_checkpoint(epoch, state, self.best)
         if self.best_val_probs is not None:
             self.run_dir.save_predictions(self.best_val_probs, self.final_probs, self.split.test_labels)
         self.checkpointed_epoch = epoch
+        self.checkpointed_at = time.monotonic()
 
     def write_summary(self) -> dict:
         records = self.records
@@ -191,3 +261,48 @@ class Run:
         }
         self.run_dir.write_summary(summary)
         return summary
+
+
+# -- how long a run on the CPU will take -----------------------------------------------------------
+CALIBRATION_SECONDS = 0.3  # time spent measuring each stage (at most CALIBRATION_CALLS calls)
+CALIBRATION_CALLS = 20
+CALIBRATION_IMAGES = {"deform": 256, "evaluate": 64}
+
+
+def _seconds_per_call(action) -> float:
+    """Mean time of calls after a warm-up one (first-call allocations and BLAS start-up are not
+    the steady rate); a warm-up that alone takes CALIBRATION_SECONDS is the measure itself."""
+    started = time.perf_counter()
+    action()
+    first = time.perf_counter() - started
+    if first >= CALIBRATION_SECONDS:
+        return first
+    calls, started = 0, time.perf_counter()
+    while True:
+        action()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= CALIBRATION_SECONDS or calls >= CALIBRATION_CALLS:
+            return elapsed / calls
+
+
+def estimate_cpu_seconds(trainer, split: Split, config: TrainConfig, epochs: int) -> tuple[float, float]:
+    """(seconds for `epochs` epochs, training images per second) of a CpuTrainer, timed on the first
+    training images: steps, deformation and evaluation; the trainer's state is restored after."""
+    n_train, batch = len(split.train_labels), min(config.batch_size, len(split.train_labels))
+    images, labels = split.train_images[:batch], split.train_labels[:batch]
+    saved = trainer.get_state()
+    try:
+        train = _seconds_per_call(lambda: trainer.step(images, labels, config.learning_rate(1))) / batch
+    finally:
+        trainer.set_state(saved)
+    deform = 0.0
+    if config.augment:
+        from gpumlp.deform import deform_images_ref
+        k = min(n_train, CALIBRATION_IMAGES["deform"])
+        deform = _seconds_per_call(lambda: deform_images_ref(
+            split.train_images[:k], split.train_labels[:k], None, config.seed, 1, config.deform_config())) / k
+    k = min(n_train, CALIBRATION_IMAGES["evaluate"])
+    evaluate = _seconds_per_call(lambda: trainer.predict_probs(split.train_images[:k])) / k
+    per_epoch = n_train * (train + deform) + (len(split.val_labels) + len(split.test_labels)) * evaluate
+    return epochs * per_epoch, 1 / (train + deform)

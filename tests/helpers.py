@@ -3,45 +3,64 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpumlp.tolerances import compare, first_difference
 
-def assert_close(actual, ref, atol: float, rtol: float, what: str) -> float:
+
+# The unit roundoff of float32 (half an ulp of 1): one rounding errs by at most U * |result|.
+U = 2.0 ** -24
+
+
+def sum_tolerance(abs_terms_sum, n_terms: int, c: float = 2.0) -> np.ndarray:
+    """The atol of each element of an n-term float32 sum that the kernel and numpy add in different
+    orders: c * sqrt(n) * U * sum|terms|. Each of the n roundings errs by at most U |partial sum|
+    <= U sum|terms|; independent errors add like a random walk (sqrt(n), where the worst case is n),
+    and there are two implementations. `abs_terms_sum` (any shape) is sum|terms| per element,
+    computed in float64 (e.g. |X| @ |W|^T + |b|)."""
+    return c * np.sqrt(n_terms) * U * np.asarray(abs_terms_sum, np.float64)
+
+
+def flush_subnormals(values) -> np.ndarray:
+    """float32 values as CUDA's -ftz=true sees them (x86 FTZ + DAZ alike): a subnormal becomes a
+    zero of the same sign."""
+    values = np.asarray(values, np.float32)
+    return np.where(np.abs(values) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), values), values)
+
+
+def flushed(operation):
+    """`operation` (a numpy float32 ufunc such as np.multiply) with its operands and its result
+    flushed as a -ftz=true instruction flushes them."""
+    def run(*operands):
+        return flush_subnormals(operation(*(flush_subnormals(o) for o in operands)))
+    return run
+
+
+def assert_close(actual, ref, atol, rtol: float, what: str) -> float:
     """Assert |actual - ref| <= atol + rtol |ref| elementwise (NaN anywhere fails); return the max
-    absolute error. On failure the message names the worst element (largest error relative to
-    its bound), its index, both values and how many elements are out of bounds."""
-    actual = np.asarray(actual)
-    ref = np.asarray(ref)
-    if actual.shape != ref.shape:
-        raise AssertionError(f"{what}: shape {actual.shape} != reference shape {ref.shape}")
-    a = actual.astype(np.float64)
-    r = ref.astype(np.float64)
-    err = np.abs(a - r)
-    bound = atol + rtol * np.abs(r)
-    bad = ~(err <= bound)   # also catches NaN in either array
-    max_err = float(np.nanmax(err)) if err.size and not np.isnan(err).all() else 0.0
-    if bad.any():
-        excess = np.where(np.isnan(err), np.inf, err / np.maximum(bound, np.finfo(np.float64).tiny))
-        flat = int(np.argmax(np.where(bad, excess, -1.0)))
-        index = np.unravel_index(flat, actual.shape)
+    absolute error. `atol` is a number or an array of the shape (e.g. from sum_tolerance). On
+    failure the message names the worst element (largest error relative to its bound), its index,
+    both values and how many elements are out of bounds."""
+    result = compare(actual, ref, atol, rtol)
+    if result.mismatch:
+        raise AssertionError(f"{what}: {result.mismatch}")
+    if not result.ok:
         raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.size} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|; "
-            f"worst at index {tuple(int(i) for i in index)}: actual {a[index]!r}, reference {r[index]!r}, "
-            f"error {err[index]:.3g} > bound {bound[index]:.3g}; max abs error {max_err:.3g}")
-    return max_err
+            f"{what}: {result.bad} of {result.size} elements exceed atol={_describe(atol)} + rtol={rtol:g}*|ref|; "
+            f"{result.worst}; max abs error {result.max_error:.3g}")
+    return result.max_error
+
+
+def _describe(atol) -> str:
+    atol = np.asarray(atol)
+    return f"{float(atol):g}" if atol.ndim == 0 else f"(per element, {atol.min():.3g} to {atol.max():.3g})"
 
 
 def assert_bitwise_equal(actual, ref, what: str) -> None:
     """Assert identical bits (so -0.0 != 0.0 and NaN payloads count); names the first mismatch."""
-    actual = np.ascontiguousarray(actual)
-    ref = np.ascontiguousarray(ref)
-    if actual.shape != ref.shape or actual.dtype != ref.dtype:
-        raise AssertionError(f"{what}: {actual.dtype} {actual.shape} != reference {ref.dtype} {ref.shape}")
-    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[actual.dtype.itemsize]
-    differ = actual.view(bits) != ref.view(bits)
-    if differ.any():
-        index = np.unravel_index(int(np.argmax(differ)), actual.shape)
-        raise AssertionError(
-            f"{what}: {int(differ.sum())} of {differ.size} elements differ; first at index "
-            f"{tuple(int(i) for i in index)}: actual {actual[index]!r}, reference {ref[index]!r}")
+    result = first_difference(actual, ref)
+    if result.mismatch:
+        raise AssertionError(f"{what}: {result.mismatch}")
+    if not result.ok:
+        raise AssertionError(f"{what}: {result.bad} of {result.size} elements differ; {result.worst}")
 
 
 def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:

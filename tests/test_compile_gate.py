@@ -122,3 +122,13 @@ def test_a_source_that_does_not_compile_names_file_and_arch(tmp_path):
     source.write_text('extern "C" __global__ void broken(float* a) { a[0] = undeclared; }\n')
     with pytest.raises(compile_gate.CompileError, match=r"(?s)broken\.cu does not compile for sm_75.*undeclared"):
         compile_gate.compile_source(str(source), "sm_75")
+
+
+def test_without_nvrtc_the_gate_says_what_to_install_in_one_line(monkeypatch, capsys):
+    def no_nvrtc():
+        raise ModuleNotFoundError("No module named 'cupy_backends'")
+    monkeypatch.setattr(compile_gate, "nvrtc_module", no_nvrtc)
+    assert compile_gate.main([]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: NVRTC could not be loaded (ModuleNotFoundError: No module named 'cupy_backends'): "
+                   "pip install 'gpumlp[test]' (or pip install 'cuda-toolkit[cudart,nvrtc]==13.*')\n")

@@ -211,12 +211,12 @@ def test_missing_files_without_download(tmp_path):
 
 def test_missing_files_with_no_network_gives_one_line(tmp_path, no_network):
     with pytest.raises(DataError) as excinfo:
-        load_mnist(tmp_path / "cache")
+        load_mnist(existing(tmp_path / "cache"))
     message = single_line_error(excinfo)
     assert message.startswith(f"{data.TRAIN_IMAGES} not found in {tmp_path / 'cache'} and could not be downloaded (")
     assert message.endswith("network is unreachable); put the four MNIST files there or pass --data-dir")
     assert all(mirror in message for mirror in data.MIRRORS)
-    assert not any((tmp_path / "cache").iterdir())
+    assert not any((existing(tmp_path / "cache")).iterdir())
 
 
 def test_command_prints_one_error_line_and_exits_2(tmp_path, no_network, capsys):
@@ -224,6 +224,36 @@ def test_command_prints_one_error_line_and_exits_2(tmp_path, no_network, capsys)
     assert main(["--data-dir", str(tmp_path), "--device", "cpu", "--epochs", "1"]) == 2
     err_lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("downloading")]
     assert len(err_lines) == 1 and err_lines[0].startswith(f"error: {data.TRAIN_IMAGES} not found in {tmp_path}")
+
+
+def existing(path: Path) -> Path:
+    """A folder made beforehand: downloads go only into an existing folder (or the default cache)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("origin", ["--data-dir", "$GPUMLP_DATA"])
+def test_a_data_dir_that_does_not_exist_is_an_error_and_is_not_created(tmp_path, monkeypatch, origin):
+    typo = tmp_path / "mnsit"
+    if origin == "--data-dir":
+        call = lambda: load_mnist(typo)  # noqa: E731
+    else:
+        monkeypatch.setenv("GPUMLP_DATA", str(typo))
+        call = load_mnist
+    with pytest.raises(DataError) as excinfo:
+        call()
+    assert single_line_error(excinfo) == (f"the MNIST directory {typo} ({origin}) does not exist: check the "
+                                          "path, or create the folder to download MNIST into it")
+    assert not typo.exists()
+
+
+def test_the_default_cache_is_created_for_the_download(tmp_path, contents, monkeypatch):
+    write_set(tmp_path / "mirror", contents)
+    serve(monkeypatch, tmp_path / "mirror")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("GPUMLP_DATA", raising=False)
+    assert load_mnist(checksums=sha256_table(contents)).source == tmp_path / "home" / ".cache" / "gpumlp"
+    assert len(list((tmp_path / "home" / ".cache" / "gpumlp").iterdir())) == 4
 
 
 # --- downloading ----------------------------------------------------------------------------------
@@ -235,7 +265,7 @@ def serve(monkeypatch, *mirror_dirs: Path) -> None:
 def test_download_fills_the_cache_once(tmp_path, contents, monkeypatch):
     write_set(tmp_path / "mirror", contents)
     serve(monkeypatch, tmp_path / "mirror")
-    cache = tmp_path / "cache"
+    cache = existing(tmp_path / "cache")
     first = load_mnist(cache, checksums=sha256_table(contents))
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{name}.gz" for name in NAMES)
     serve(monkeypatch)  # no mirrors left: a second load must come from the cache
@@ -246,7 +276,7 @@ def test_download_fills_the_cache_once(tmp_path, contents, monkeypatch):
 def test_download_goes_to_the_environment_directory(tmp_path, contents, monkeypatch):
     write_set(tmp_path / "mirror", contents)
     serve(monkeypatch, tmp_path / "mirror")
-    monkeypatch.setenv("GPUMLP_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("GPUMLP_DATA", str(existing(tmp_path / "env")))
     assert load_mnist(checksums=sha256_table(contents)).source == tmp_path / "env"
     assert len(list((tmp_path / "env").iterdir())) == 4
 
@@ -255,7 +285,7 @@ def test_download_skips_a_mirror_with_bad_content(tmp_path, contents, monkeypatc
     write_set(tmp_path / "bad", synthetic_contents(seed=1))
     write_set(tmp_path / "good", contents)
     serve(monkeypatch, tmp_path / "missing", tmp_path / "bad", tmp_path / "good")
-    mnist = load_mnist(tmp_path / "cache", checksums=sha256_table(contents))
+    mnist = load_mnist(existing(tmp_path / "cache"), checksums=sha256_table(contents))
     assert mnist.test_labels.tolist() == list(np.frombuffer(contents[data.TEST_LABELS], np.uint8, offset=8))
 
 
@@ -263,10 +293,10 @@ def test_download_with_a_bad_checksum_is_rejected_and_leaves_nothing(tmp_path, c
     write_set(tmp_path / "bad", synthetic_contents(seed=1))
     serve(monkeypatch, tmp_path / "bad")
     with pytest.raises(DataError) as excinfo:
-        load_mnist(tmp_path / "cache", checksums=sha256_table(contents))
+        load_mnist(existing(tmp_path / "cache"), checksums=sha256_table(contents))
     message = single_line_error(excinfo)
     assert "could not be downloaded (" in message and "checksum mismatch" in message
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert list((existing(tmp_path / "cache")).iterdir()) == []
 
 
 class BrokenStream:
@@ -292,7 +322,7 @@ class BrokenStream:
 def test_interrupted_download_leaves_no_file_behind(tmp_path, contents, monkeypatch, failure):
     gz = gzip.compress(contents[data.TRAIN_IMAGES])
     monkeypatch.setattr(data, "_open_url", lambda url: BrokenStream(gz, failure))
-    cache = tmp_path / "cache"
+    cache = existing(tmp_path / "cache")
     with pytest.raises((DataError, KeyboardInterrupt)) as excinfo:
         load_mnist(cache, checksums=sha256_table(contents))
     if isinstance(failure, OSError):
@@ -303,8 +333,8 @@ def test_interrupted_download_leaves_no_file_behind(tmp_path, contents, monkeypa
 def test_downloaded_file_is_readable_by_others(tmp_path, contents, monkeypatch):
     write_set(tmp_path / "mirror", contents)
     serve(monkeypatch, tmp_path / "mirror")
-    load_mnist(tmp_path / "cache", checksums=sha256_table(contents))
-    assert os.stat(tmp_path / "cache" / f"{data.TRAIN_IMAGES}.gz").st_mode & 0o044 == 0o044
+    load_mnist(existing(tmp_path / "cache"), checksums=sha256_table(contents))
+    assert os.stat(existing(tmp_path / "cache") / f"{data.TRAIN_IMAGES}.gz").st_mode & 0o044 == 0o044
 
 
 # --- the real set ---------------------------------------------------------------------------------

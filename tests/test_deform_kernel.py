@@ -17,14 +17,18 @@ from gpumlp import ops_deform
 from gpumlp.deform import PIXELS, DeformConfig, deform_images_ref
 from gpumlp.device import KERNEL_DIR, EmulatedDevice
 from gpumlp.philox import philox_fill_ref
+from gpumlp.tolerances import DEFORM
 from helpers import assert_bitwise_equal, assert_close, synthetic_digits
 
-ATOL, RTOL = 1e-4, 0.0
+ATOL, RTOL = DEFORM["atol"], DEFORM["rtol"]   # gpumlp/tolerances.py, shared with gpumlp.selfcheck
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
-    # shared memory filled with NaN and threads run last to first: a missing barrier shows
-    "poison+reverse": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True),
+    # shared memory filled with NaN and threads run last to first: a missing barrier shows; every
+    # launch also runs with its blocks in reverse and in a seeded random order, and the results of
+    # the three orders must agree bit for bit
+    "poison+reverse+block-orders": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True,
+                                                          compare_block_orders=True),
 }
 
 
@@ -56,6 +60,17 @@ def test_philox_fill_is_bitwise_the_reference(device, n, n_blocks):
     out = device.asarray(np.zeros((n, n_blocks * 4), np.uint32))
     ops_deform.philox_fill(device, device.asarray(indices), out, n_blocks, 0xDEADBEEF, 17)
     assert_bitwise_equal(device.to_host(out), philox_fill_ref(0xDEADBEEF, 17, indices, n_blocks), "philox_fill")
+
+
+@pytest.mark.parametrize("indices, problem", [(np.arange(4, dtype=np.int64), "must be int32"),
+                                              (np.arange(8, dtype=np.int32)[::2], "must be C-contiguous"),
+                                              (np.zeros((4, 1), np.int32), "must have shape")])
+def test_philox_fill_refuses_bad_indices(indices, problem):
+    """On a GPU nothing checks pointer types: an int64 or strided array would be misread."""
+    out = np.zeros((4, 4), np.uint32)
+    with pytest.raises(ValueError, match=f"philox_fill: indices {problem}"):
+        ops_deform.philox_fill(EmulatedDevice(), indices, out, 1, 1, 1)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("n, kind", [(1, "digits"), (7, "noise"), (37, "digits"), (301, "noise")])

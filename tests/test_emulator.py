@@ -1,5 +1,7 @@
 """The CPU emulator runs unchanged CUDA text with real barrier, warp and shared-memory semantics,
-finds races, and turns deadlocks and crashes into exceptions."""
+finds races, and turns deadlocks and crashes into exceptions; its sanitizer checks (memcheck,
+initcheck, block orders, launch limits, flush-to-zero) each catch a planted bug of
+tests/kernels/sanitizer_bugs.cu that passes unseen without them."""
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,240 @@ def test_the_test_kernels_are_valid_cuda_for_nvrtc(path):
         nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17"])
     except nvrtc.NVRTCError as error:
         pytest.fail(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}")
+
+
+# ---- the checks of a sanitizer: each catches its planted bug (tests/kernels/sanitizer_bugs.cu) ----
+
+@pytest.fixture(scope="module")
+def bugs():
+    return load_module(KERNELS / "sanitizer_bugs.cu")
+
+
+@pytest.fixture
+def unchecked(bugs):
+    """The module with memcheck off for one test."""
+    bugs.memcheck = False
+    yield bugs
+    bugs.memcheck = True
+
+
+def test_memcheck_is_on_by_default(bugs):
+    assert bugs.memcheck and load_module_source("extern \"C\" __global__ void k() {}\n", name="plain").memcheck
+
+
+def test_memcheck_names_an_out_of_bounds_read(bugs, unchecked):
+    x, y = np.arange(1000, dtype=np.float32), np.zeros(1000, np.float32)
+    kernel = bugs.get_function("shifted_copy")
+    bugs.memcheck = True
+    kernel(8, 128, (x, y, np.int32(1000), np.int32(0)))
+    np.testing.assert_array_equal(y, x)   # the copy in and out of the guarded buffers is exact
+    with pytest.raises(EmulatorError, match=r"kernel 'shifted_copy'.*out-of-bounds read of argument 'x' \(float\*\) "
+                                            r"at index 1000: it has 1000 elements.*block \(7,0,0\), thread \(103,0,0\)"):
+        kernel(8, 128, (x, y, np.int32(1000), np.int32(1)))
+    bugs.memcheck = False
+    kernel(8, 128, (x, y, np.int32(1000), np.int32(1)))   # without memcheck the bug passes unseen
+    np.testing.assert_array_equal(y[:-1], x[1:])
+
+
+def test_memcheck_names_an_out_of_bounds_write_past_the_end(bugs, unchecked):
+    y = np.zeros(1000, np.float32)
+    bugs.memcheck = True
+    with pytest.raises(EmulatorError, match=r"kernel 'inclusive_bound_fill'.*out-of-bounds write of argument 'y' "
+                                            r"\(float\*\) at index 1000: it has 1000 elements"):
+        bugs.get_function("inclusive_bound_fill")(8, 128, (y, np.int32(1000)))
+    bugs.memcheck = False
+    padded = np.zeros(1001, np.float32)   # the bug writes the element after the 1000
+    bugs.get_function("inclusive_bound_fill")(8, 128, (padded[:1000], np.int32(1000)))
+    assert padded[1000] == 1.0
+
+
+@pytest.mark.parametrize("n", [1000, 1024], ids=["inside-the-page", "page-aligned"])
+def test_memcheck_names_an_out_of_bounds_write_before_the_start(bugs, unchecked, n):
+    """4000 bytes leave room before the copy on its page (a canary, checked after the launch); 4096
+    bytes fill the page, so the write faults in the guard page at once."""
+    y = np.zeros(n, np.int32)
+    bugs.memcheck = True
+    with pytest.raises(EmulatorError, match=rf"kernel 'write_previous'.*out-of-bounds write of argument 'y' \(int\*\) "
+                                            rf"at index -1: it has {n} elements"):
+        bugs.get_function("write_previous")(-(-n // 128), 128, (y, np.int32(n)))
+    bugs.memcheck = False
+    padded = np.full(n + 1, -5, np.int32)
+    bugs.get_function("write_previous")(-(-n // 128), 128, (padded[1:], np.int32(n)))
+    assert padded[0] == 0
+
+
+def test_memcheck_keeps_one_array_passed_twice_one_memory(basics):
+    source = np.arange(300, dtype=np.float32)
+    target = np.zeros(300, np.float32)
+    basics.get_function("add_through_alias")(3, 128, (source, target, target, np.int32(300)))
+    np.testing.assert_array_equal(target, source + 1)
+
+
+def test_initcheck_fills_empty_arrays_so_a_read_of_unwritten_memory_shows(bugs):
+    from gpumlp.device import EmulatedDevice
+    device = EmulatedDevice()
+    assert np.isnan(device.empty((3, 4))).all() and np.isnan(device.empty(2, np.float64)).all()
+    assert (device.empty(5, np.int32) == np.int32(np.uint32(0xA5A5A5A5).view(np.int32))).all()
+    x = np.arange(256, dtype=np.float32)
+    y = device.empty(256)
+    bugs.get_function("accumulate_instead_of_assign")(2, 128, (x, y, np.int32(256)))
+    assert np.isnan(y).all()
+    # Without initcheck the bug passes wherever fresh memory happens to hold zeros.
+    y = np.zeros(256, np.float32)
+    bugs.get_function("accumulate_instead_of_assign")(2, 128, (x, y, np.int32(256)))
+    np.testing.assert_array_equal(y, 2 * x)
+    assert not EmulatedDevice(initcheck=False).initcheck
+
+
+def _tickets(module, grid):
+    blocks = int(np.prod(grid))
+    counter, tickets = np.zeros(1, np.uint32), np.full(blocks, 2**32 - 1, np.uint32)
+    module.get_function("block_tickets")(grid, 32, (counter, tickets))
+    assert sorted(tickets) == list(range(blocks))   # every block ran exactly once
+    return tickets
+
+
+def test_blocks_run_in_launch_reverse_or_seeded_random_order():
+    module = load_module(KERNELS / "emulator_basics.cu")
+    grid = (5, 3, 2)
+    blocks = 30
+    assert list(_tickets(module, grid)) == list(range(blocks))
+    module.block_order = "reverse"
+    assert list(_tickets(module, grid)) == list(range(blocks))[::-1]
+    shuffled = load_module(KERNELS / "emulator_basics.cu", block_order="random")
+    first, second = _tickets(shuffled, grid), _tickets(shuffled, grid)
+    assert list(first) != list(range(blocks)) and list(first) != list(second)   # a new order each launch
+    again = load_module(KERNELS / "emulator_basics.cu", block_order="random")
+    assert list(_tickets(again, grid)) == list(first)   # the same seed: the same sequence of orders
+    other_seed = load_module(KERNELS / "emulator_basics.cu", block_order="random", block_order_seed=1)
+    assert list(_tickets(other_seed, grid)) != list(first)
+    with pytest.raises(ValueError, match="block_order must be one of launch, reverse, random"):
+        module.block_order = "sorted"
+
+
+def test_comparing_block_orders_catches_blocks_that_depend_on_each_other(bugs):
+    x = np.ones(50, np.float32)
+    totals = np.zeros(50, np.float32)
+    kernel = bugs.get_function("running_sum_across_blocks")
+    kernel(50, 32, (x, totals))     # in launch order the bug passes
+    np.testing.assert_array_equal(totals, np.arange(1, 51, dtype=np.float32))
+    bugs.compare_block_orders = True
+    try:
+        with pytest.raises(EmulatorError, match=r"kernel 'running_sum_across_blocks'.*argument 'totals' differs "
+                                                r"between launch and reverse block order.*depends on the order"):
+            kernel(50, 32, (x, np.zeros(50, np.float32)))
+        y = np.arange(1000, dtype=np.float32)
+        bugs.get_function("shifted_copy")(8, 128, (x := y.copy(), y, np.int32(1000), np.int32(0)))
+        np.testing.assert_array_equal(y, x)   # an order-independent kernel passes the comparison
+    finally:
+        bugs.compare_block_orders = False
+
+
+@pytest.mark.parametrize("grid, block, shared_mem, expected", [
+    (4, 256, 0, r"block \(256, 1, 1\) has 256 threads, more than the kernel's __launch_bounds__\(128\)"),
+    (1, 1025, 0, r"block \(1025, 1, 1\) has 1025 threads; a block has at most 1024"),
+    (1, (1, 1, 65), 0, r"block \(1, 1, 65\) has 65 threads;.*extents up to \(1024, 1024, 64\)"),
+    ((1, 65536), 32, 0, r"grid \(1, 65536, 1\) exceeds the largest grid"),
+    ((1, 1, 65536), 32, 0, r"grid \(1, 1, 65536\) exceeds"),
+    (1, 32, 48 * 1024 + 4, r"49156 bytes of dynamic shared memory \+ 0 static.*exceed 49152 bytes"),
+])
+def test_launches_a_gpu_refuses_are_refused(bugs, grid, block, shared_mem, expected):
+    y = np.zeros(8, np.float32)
+    with pytest.raises(EmulatorError, match=rf"kernel 'bounded_scale'.*invalid launch: {expected}.*a GPU refuses it"):
+        bugs.get_function("bounded_scale")(grid, block, (y, np.float32(2), np.int32(8)), shared_mem=shared_mem)
+
+
+def test_launch_bounds_allow_their_block_and_the_shared_memory_opt_in(bugs):
+    kernel = bugs.get_function("bounded_scale")
+    assert kernel.max_threads_per_block == 128
+    y = np.ones(256, np.float32)
+    kernel(2, 128, (y, np.float32(2), np.int32(256)))
+    assert (y == 2).all()
+    # Without the bound the 256-thread launch that the bound refuses (test above) runs: only the
+    # check stands between the planted mismatch and a launch that would fail on a GPU.
+    unbounded = load_module_source((KERNELS / "sanitizer_bugs.cu").read_text().replace("__launch_bounds__(128) ", ""),
+                                   name="sanitizer_bugs_unbounded").get_function("bounded_scale")
+    assert unbounded.max_threads_per_block == 1024
+    unbounded(1, 256, (y, np.float32(2), np.int32(256)))
+    assert (y == 4).all()
+    # the bound of the project's layer_forward_mv is on a separate declaration
+    online = load_module(Path(__file__).resolve().parent.parent / "cuda_kernels" / "mlp_online.cu")
+    assert online.get_function("layer_forward_mv").max_threads_per_block == 256
+    assert online.get_function("backward_reduce").max_threads_per_block == 1024
+    dynamic = load_module(KERNELS / "emulator_basics.cu").get_function("reverse_through_dynamic_shared")
+    x = np.arange(64, dtype=np.float32)
+    with pytest.raises(EmulatorError, match="max_dynamic_shared_size_bytes is 0"):
+        dynamic(1, 64, (x, np.zeros_like(x)), shared_mem=64 * 1024)
+    dynamic.max_dynamic_shared_size_bytes = 64 * 1024
+    out = np.zeros_like(x)
+    dynamic(1, 64, (x, out), shared_mem=64 * 1024)
+    np.testing.assert_array_equal(out, x[::-1])
+    with pytest.raises(EmulatorError, match=r"outside 0\.\."):
+        dynamic.max_dynamic_shared_size_bytes = 228 * 1024
+
+
+def test_flush_to_zero_matches_cuda_ftz_and_leaves_numpy_alone(bugs):
+    tiny = np.finfo(np.float32).tiny
+    a = np.array([1e-20, 1e-39, 1e-39, 1.5 * tiny, 2.0], np.float32)
+    b = np.array([1e-20, 0.0, 1e-39, -tiny, 3.0], np.float32)
+    out = np.zeros((5, 6), np.float32)
+    kernel = bugs.get_function("float_ops")
+    kernel(1, 5, (a, b, out, np.int32(5)))
+    # mul, add, sub as __fmul_rn/__fadd_rn/__fsub_rn, then as operators, then fmaf(a, b, 0)
+    expected = np.array([[0, 2e-20, 0, 0, 2e-20, 0],         # 1e-40 (subnormal) -> 0
+                         [0, 0, 0, 0, 0, 0],                 # subnormal inputs count as 0 (DAZ)
+                         [0, 0, 0, 0, 0, 0],
+                         [0, 0, 2.5 * tiny, 0, 0, 0],        # the sum 0.5 tiny is flushed (FTZ)
+                         [6, 5, -1, 6, 5, 6]], np.float32)
+    np.testing.assert_array_equal(out, expected)
+    assert np.float32(1e-39) * np.float32(1) != 0   # numpy after the launch: IEEE subnormals again
+    bugs.flush_to_zero = False
+    try:
+        kernel(1, 5, (a, b, out, np.int32(5)))
+    finally:
+        bugs.flush_to_zero = True
+    assert out[0, 0] == np.float32(1e-20) * np.float32(1e-20) != 0 and out[1, 1] == np.float32(1e-39)
+
+
+def test_the_shared_memory_limit_counts_the_kernels_own_static_shared_memory(basics):
+    """block_sum has 1 KiB of its own; the helper's 256 bytes count for every kernel (which kernels
+    call the helper is not known), the other kernels' never."""
+    assert basics.static_shared_bytes("block_sum") == 1024 + 256
+    assert basics.static_shared_bytes("reverse_through_dynamic_shared") == 256
+    dynamic = basics.get_function("reverse_through_dynamic_shared")
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros_like(x)
+    dynamic(1, 64, (x, out), shared_mem=48 * 1024 - 256)
+    np.testing.assert_array_equal(out, x[::-1])
+    with pytest.raises(EmulatorError, match=r"48897 bytes of dynamic shared memory \+ 256 static exceed 49152"):
+        dynamic(1, 64, (x, out), shared_mem=48 * 1024 - 255)
+
+
+def test_memcheck_never_writes_a_read_only_array_and_reports_a_write_to_one(bugs):
+    x = np.frombuffer(np.arange(256, dtype=np.float32).tobytes(), np.float32)   # numpy: read-only
+    y = np.zeros(256, np.float32)
+    bugs.get_function("shifted_copy")(2, 128, (x, y, np.int32(256), np.int32(0)))
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(EmulatorError, match=r"wrote to argument 'y' \(float\*\), a read-only numpy array"):
+        bugs.get_function("inclusive_bound_fill")(2, 128, (np.frombuffer(bytes(1024), np.float32), np.int32(255)))
+
+
+def test_memcheck_checks_the_devices_own_arrays_in_place(bugs):
+    """EmulatedDevice allocates in guarded regions: no copy per launch, the same reports."""
+    import mmap
+    from gpumlp.device import EmulatedDevice
+    device = EmulatedDevice()
+    y = device.empty(1000, np.int32)
+    assert (y.ctypes.data + y.nbytes) % mmap.PAGESIZE == 0   # the array ends where a guard page starts
+    with pytest.raises(EmulatorError, match=r"out-of-bounds write of argument 'y' \(int\*\) at index -1"):
+        bugs.get_function("write_previous")(8, 128, (y, np.int32(1000)))
+    # a view one element in: its y[-1] is the allocation's first element, and the canary before it
+    # was laid again after the report
+    bugs.get_function("write_previous")(8, 128, (y[1:], np.int32(999)))
+    np.testing.assert_array_equal(y[:999], np.arange(999))
+    x, out = device.asarray(np.arange(1000, dtype=np.float32)), device.zeros(1000)
+    with pytest.raises(EmulatorError, match=r"out-of-bounds read of argument 'x' \(float\*\) at index 1000"):
+        bugs.get_function("shifted_copy")(8, 128, (x, out, np.int32(1000), np.int32(1)))
+    bugs.get_function("shifted_copy")(8, 128, (x, out, np.int32(1000), np.int32(0)))
+    np.testing.assert_array_equal(out, np.arange(1000, dtype=np.float32))
+    assert not EmulatedDevice(memcheck=False).checks["memcheck"]

@@ -1,7 +1,8 @@
 """The network kernels (cuda_kernels/mlp_online.cu, mlp_batch.cu, train_step.cu) against the numpy
 reference, run by the CPU emulator, plus an NVRTC compile check (sm_75, sm_90, no spills).
 
-Tolerances (|actual - ref| <= atol + rtol |ref|), and why:
+Tolerances (|actual - ref| <= atol + rtol |ref|; the values live in gpumlp/tolerances.py, which
+the self-check uses too), and why:
   * Dot products (layer_forward_*: the pre-activation; backprop_delta_* / backward_reduce: the
     delta_out W product; backward_update_partial: the per-chunk partials): float32 sums of up to
     n_in (n_out) terms in another order than numpy's BLAS (and the kernels use fmaf, one rounding
@@ -10,16 +11,23 @@ Tolerances (|actual - ref| <= atol + rtol |ref|), and why:
     The scaled tanh adds tanhf against numpy's float32 tanh (a few ulp) times A B < 1.2.
   * Softmax: expf/logf against numpy's (a few ulp each) and a 10-term sum in another order:
     SOFTMAX 1e-6 / 1e-5 on delta and loss.
-  * The online weight update (backward_update_partial): bit-identical to sgd_update_ref, because
-    the kernel rounds lr * (delta x), mu v and the add/subtract separately exactly like the
-    reference (the batch of one makes the division by B exact): compared bitwise.
+  * The online weight update (backward_update_partial): bit-identical to sgd_update_ref for normal
+    values, because the kernel rounds lr * (delta x), mu v and the add/subtract separately exactly
+    like the reference (the batch of one makes the division by B exact): compared bitwise. With
+    subnormal values it is bit-identical to a reference that flushes every operand and result to
+    zero as CuPy's -ftz=true does (test_online_update_flushes_subnormals_like_cuda).
+  * At the trainer's shapes (2000x2500 and 2500x841 layers, batch 32) the atol of a sum grows with
+    its length: 2 sqrt(n) u sum|terms| (see "the trainer's shapes" below).
   * The minibatch update (sgd_update_gemm): the gradient is a B-term sum (numpy's order differs),
     so W differs by lr * (a few ulp of the gradient): UPDATE 1e-7 / 1e-6.
   * Integers (prediction, wrong, gathered labels, cursor, error counts) and gathered images: exact.
   * Composite steps (3-layer tiny net): a few ulp of the deltas feed the updates, times lr:
     STEP 1e-6 / 1e-5 on weights, 1e-5 / 1e-5 on the loss.
-Every kernel runs on a plain emulator and on one that poisons shared memory with NaN and runs
-threads in reverse order (a missing barrier or an uninitialised read then shows).
+Every kernel runs on a plain emulator and on one that poisons shared memory with NaN, runs threads
+in reverse order (a missing barrier or an uninitialised read then shows) and runs every launch with
+its blocks in launch, reversed and seeded random order, whose results must agree bit for bit. Both
+have the emulator's memcheck (out-of-bounds accesses raise), flush-to-zero and initcheck (arrays
+from device.empty hold NaN) on.
 """
 import re
 import zlib
@@ -30,19 +38,17 @@ import pytest
 from gpumlp import ops_mlp
 from gpumlp import reference as R
 from gpumlp.device import KERNEL_DIR, EmulatedDevice
-from helpers import assert_bitwise_equal
+from helpers import U, assert_bitwise_equal, flush_subnormals, flushed, sum_tolerance
 from helpers import assert_close as _assert_close
 
-FORWARD = dict(atol=2e-5, rtol=1e-5)
-BACKPROP = dict(atol=1e-6, rtol=1e-5)
-SOFTMAX = dict(atol=1e-6, rtol=1e-5)
-UPDATE = dict(atol=1e-7, rtol=1e-6)
-STEP = dict(atol=1e-6, rtol=1e-5)
-LOSS = dict(atol=1e-5, rtol=1e-5)
+from gpumlp.tolerances import BACKPROP, FORWARD, LOSS, SOFTMAX, STEP, UPDATE  # shared with gpumlp.selfcheck
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
-    "poison+reverse": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True),
+    # every launch also runs with its blocks in reverse and in a seeded random order, and the
+    # results of the three orders must agree bit for bit
+    "poison+reverse+block-orders": lambda: EmulatedDevice(poison_shared=True, reverse_threads=True,
+                                                          compare_block_orders=True),
 }
 
 # (n_out, n_in): the paper's input width, odd small sizes, a single input, more than a tile
@@ -57,6 +63,7 @@ MEASURED: dict = {}
 def assert_close(actual, ref, atol, rtol, what):
     error = _assert_close(actual, ref, atol, rtol, what)
     key = what.split()[0]
+    atol = f"{atol:g}" if np.isscalar(atol) else "2 sqrt(n) u sum|t|"
     MEASURED[key] = max(MEASURED.get(key, (0.0,))[0], error), atol, rtol
     return error
 
@@ -65,7 +72,7 @@ def assert_close(actual, ref, atol, rtol, what):
 def report_measured_errors():
     yield
     for key, (error, atol, rtol) in sorted(MEASURED.items()):
-        print(f"\n  max |error| {error:9.3g}  (atol {atol:g}, rtol {rtol:g})  {key}", end="")
+        print(f"\n  max |error| {error:9.3g}  (atol {atol}, rtol {rtol:g})  {key}", end="")
 
 
 @pytest.fixture(scope="module", params=list(DEVICES))
@@ -124,8 +131,8 @@ def test_backward_update_partial_and_reduce(device, n_out, n_in, momentum):
     chunks = ops_mlp.partial_rows(n_out)
     partial = nan_like(chunks * n_in)
     dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
-    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial, np.float32(lr),
-                                    np.float32(momentum), dev[2], dev[3])
+    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial,
+                                    ops_mlp.Hyperparameters(device, lr, momentum), dev[2], dev[3])
     delta_in = nan_like(n_in)
     ops_mlp.backward_reduce(device, partial, x, delta_in, n_out)
 
@@ -148,7 +155,8 @@ def test_backward_update_without_partial_leaves_the_workspace(device):
     partial = nan_like(ops_mlp.partial_elements(40, 37) + 5)
     ref_W, ref_b = W.copy(), b.copy()
     delta_out, x = uniform(rng, 40), uniform(rng, 37)
-    ops_mlp.backward_update_partial(device, W, b, delta_out, x, partial, np.float32(0.05), want_partial=False)
+    ops_mlp.backward_update_partial(device, W, b, delta_out, x, partial, ops_mlp.Hyperparameters(device, 0.05),
+                                    want_partial=False)
     R.sgd_update_ref(ref_W, ref_b, delta_out[None], x[None], 0.05)
     assert np.isnan(partial).all()
     assert_bitwise_equal(W, ref_W, "W")
@@ -201,7 +209,7 @@ def test_sgd_update_gemm(device, batch, n_out, n_in, momentum):
     vb = uniform(rng, b.shape, 1e-3) if momentum else None
     dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
     ref = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
-    ops_mlp.sgd_update_gemm(device, dev[0], dev[1], delta_out, X, np.float32(0.01), np.float32(momentum),
+    ops_mlp.sgd_update_gemm(device, dev[0], dev[1], delta_out, X, ops_mlp.Hyperparameters(device, 0.01, momentum),
                             dev[2], dev[3])
     R.sgd_update_ref(ref[0], ref[1], delta_out, X, 0.01, momentum, ref[2], ref[3])
     for name, got, want in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref):
@@ -211,7 +219,7 @@ def test_sgd_update_gemm(device, batch, n_out, n_in, momentum):
 
 # ---- shared: train_step.cu -------------------------------------------------------------------
 
-@pytest.mark.parametrize("batch, n_classes", [(1, 10), (7, 10), (16, 3), (33, 45), (5, 1)])
+@pytest.mark.parametrize("batch, n_classes", [(1, 10), (7, 10), (16, 3), (33, 45), (5, 1), (32, 10)])
 def test_softmax_xent(device, batch, n_classes):
     rng = rng_for("sm", batch, n_classes)
     logits = uniform(rng, (batch, n_classes), 8.0)
@@ -252,7 +260,7 @@ def test_finish_step(device):
     rng = rng_for("finish")
     loss_total, wrong_total, cursor = np.array([1.25]), np.array([3], np.int32), np.array([40], np.int32)
     expected = (1.25, 3, 40)
-    for batch in (1, 7, 16):
+    for batch in (1, 7, 16, 32):
         loss = rng.uniform(0, 3, batch).astype(np.float32)
         wrong = rng.integers(0, 2, batch).astype(np.int32)
         ops_mlp.finish_step(device, loss, wrong, loss_total, wrong_total, cursor)
@@ -313,7 +321,7 @@ class DeviceNet:
             vW, vb = self.velocities[layer] if self.momentum else (None, None)
             below = self.deltas[layer - 1] if layer else None
             ops_mlp.backward_update(d, W, b, self.deltas[layer], inputs[layer], below, self.partial,
-                                    np.float32(lr), self.momentum, vW, vb)
+                                    ops_mlp.Hyperparameters(d, lr, self.momentum), vW, vb)
         ops_mlp.finish_step(d, self.loss, self.wrong, self.loss_total, self.wrong_total, self.cursor)
 
 
@@ -378,6 +386,174 @@ def test_steps_are_bitwise_repeatable_across_schedules(batch):
     assert_bitwise_equal(a.loss_total, b.loss_total, "loss total")
 
 
+# ---- the trainer's shapes: layers of paper net 4 (841-2500-2000-1500-1000-500-10) ---------------
+# Tolerance atol + rtol |ref| with a per-element atol that grows with the length n of the sum:
+# sum_tolerance = 2 sqrt(n) u sum|terms| (tests/helpers.py says why), times the largest slope of what
+# follows the sum (A B for the scaled tanh, |f'(y_in)| for the backward product, lr for an update),
+# and rtol PAPER_RTOL = 8 u for the roundings after the sum (tanhf against numpy's tanh: a few ulp).
+# Measured (this machine, the emulator): the worst element uses at most 0.29 of its bound, 0.04 for
+# the sums of 2000 and 2500 terms.
+PAPER_LAYERS = [(2500, 841), (2000, 2500)]   # the widest input; the longest sums (2500 and 2000 terms)
+PAPER_BATCH = 32
+PAPER_RTOL = 8 * U
+TANH_SLOPE = float(R.TANH_A) * float(R.TANH_B)
+
+
+def abs_products(a, b):
+    """sum_k |a[i, k] b[k, j]| in float64: the sum|terms| of each element of a @ b."""
+    return np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+
+
+@pytest.mark.parametrize("n_out, n_in", PAPER_LAYERS)
+def test_layer_forward_mv_at_paper_shapes(device, n_out, n_in):
+    rng = rng_for("paper-mv", n_out, n_in)
+    W, b = layer(rng, n_out, n_in)
+    x = tanh_outputs(rng, n_in)
+    y = device.empty(n_out)
+    ops_mlp.layer_forward_mv(device, W, b, x, y, True)
+    atol = TANH_SLOPE * sum_tolerance(abs_products(W, x) + np.abs(b), n_in)
+    assert_close(y, R.layer_forward_ref(W, b, x[None], True)[0], atol, PAPER_RTOL,
+                 what=f"paper.layer_forward_mv {n_out}x{n_in}")
+
+
+@pytest.mark.parametrize("n_out, n_in, momentum", [(2500, 841, 0.9), (2000, 2500, 0.0)])
+def test_backward_update_partial_and_reduce_at_paper_shapes(device, n_out, n_in, momentum):
+    rng = rng_for("paper-bu", n_out, n_in)
+    W, b = layer(rng, n_out, n_in)
+    delta_out = uniform(rng, n_out, 0.5)
+    x = tanh_outputs(rng, n_in)
+    vW = uniform(rng, W.shape, 1e-3) if momentum else None
+    vb = uniform(rng, b.shape, 1e-3) if momentum else None
+    chunks = ops_mlp.partial_rows(n_out)
+    partial = device.empty(chunks * n_in)
+    dev = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ops_mlp.backward_update_partial(device, dev[0], dev[1], delta_out, x, partial,
+                                    ops_mlp.Hyperparameters(device, 0.01, momentum), dev[2], dev[3])
+    delta_in = device.empty(n_in)
+    ops_mlp.backward_reduce(device, partial, x, delta_in, n_out)
+    ref = [a.copy() if a is not None else None for a in (W, b, vW, vb)]
+    ref_partial = R.backward_update_partial_ref(ref[0], ref[1], delta_out, x, 0.01, momentum, ref[2], ref[3],
+                                                rows_per_chunk=ops_mlp.BU_ROWS)
+    what = f"{n_out}x{n_in} momentum={momentum}"
+    terms = np.abs(delta_out).astype(np.float64)[:, None] * np.abs(W)
+    chunk_terms = np.pad(terms, ((0, chunks * ops_mlp.BU_ROWS - n_out), (0, 0))).reshape(chunks, -1, n_in).sum(1)
+    assert_close(partial.reshape(chunks, n_in), ref_partial, sum_tolerance(chunk_terms, ops_mlp.BU_ROWS),
+                 PAPER_RTOL, what=f"paper.backward_update_partial.partial {what}")
+    slope = np.abs(R.scaled_tanh_derivative_from_output(x))
+    assert_close(delta_in, R.backprop_delta_ref(W, delta_out[None], x[None])[0],
+                 slope * sum_tolerance(terms.sum(0), n_out), PAPER_RTOL, what=f"paper.backward_reduce {what}")
+    for name, got, want in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref):
+        if want is not None:
+            assert_bitwise_equal(got, want, f"{name} {what}")
+
+
+@pytest.fixture(scope="module")
+def paper_gemm_layer():
+    """The 2000 x 2500 layer of net 4 and a batch of 32 (inputs, deltas), shared by the GEMM tests."""
+    rng = rng_for("paper-gemm")
+    W, b = layer(rng, 2000, 2500)
+    return W, b, tanh_outputs(rng, (PAPER_BATCH, 2500)), uniform(rng, (PAPER_BATCH, 2000), 0.5)
+
+
+def test_layer_forward_gemm_at_the_paper_shape(device, paper_gemm_layer):
+    W, b, X, _ = paper_gemm_layer
+    Y = device.empty((PAPER_BATCH, W.shape[0]))
+    ops_mlp.layer_forward_gemm(device, W, b, X, Y, True)
+    atol = TANH_SLOPE * sum_tolerance(abs_products(X, W.T) + np.abs(b), W.shape[1])
+    assert_close(Y, R.layer_forward_ref(W, b, X, True), atol, PAPER_RTOL, what="paper.layer_forward_gemm B=32 2000x2500")
+
+
+def test_backprop_delta_gemm_at_the_paper_shape(device, paper_gemm_layer):
+    W, _, y_in, delta_out = paper_gemm_layer
+    delta_in = device.empty(y_in.shape)
+    ops_mlp.backprop_delta_gemm(device, W, delta_out, y_in, delta_in)
+    atol = np.abs(R.scaled_tanh_derivative_from_output(y_in)) * sum_tolerance(abs_products(delta_out, W), W.shape[0])
+    assert_close(delta_in, R.backprop_delta_ref(W, delta_out, y_in), atol, PAPER_RTOL,
+                 what="paper.backprop_delta_gemm B=32 2000x2500")
+
+
+def test_sgd_update_gemm_at_the_paper_shape(device, paper_gemm_layer):
+    W, b, X, delta_out = paper_gemm_layer
+    rng = rng_for("paper-sgd")
+    vW, vb = uniform(rng, W.shape, 1e-3), uniform(rng, b.shape, 1e-3)
+    dev = [a.copy() for a in (W, b, vW, vb)]
+    ref = [a.copy() for a in (W, b, vW, vb)]
+    lr = 0.01
+    ops_mlp.sgd_update_gemm(device, *dev[:2], delta_out, X, ops_mlp.Hyperparameters(device, lr, 0.9), *dev[2:])
+    R.sgd_update_ref(*ref[:2], delta_out, X, lr, 0.9, *ref[2:])
+    # the gradient is a sum of B terms divided by B, then scaled by lr
+    grad_W = lr * sum_tolerance(abs_products(delta_out.T, X) / PAPER_BATCH, PAPER_BATCH)
+    grad_b = lr * sum_tolerance(np.abs(delta_out).sum(0) / PAPER_BATCH, PAPER_BATCH)
+    for name, got, want, atol in zip(("W", "b", "velocity_W", "velocity_b"), dev, ref, (grad_W, grad_b) * 2):
+        assert_close(got, want, atol, PAPER_RTOL, what=f"paper.sgd_update_gemm.{name} B=32 2000x2500")
+
+
+def test_gather_batch_at_the_paper_batch(device):
+    rng = rng_for("paper-gather")
+    images = uniform(rng, (1000, SIZES[0]))
+    labels = rng.integers(0, 10, 1000).astype(np.int32)
+    order = rng.permutation(1000).astype(np.int32)
+    X, labels_out = device.empty((PAPER_BATCH, SIZES[0])), device.empty(PAPER_BATCH, np.int32)
+    ops_mlp.gather_batch(device, images, labels, order, np.array([968], np.int32), X, labels_out, PAPER_BATCH)
+    ref_X, ref_labels = R.gather_batch_ref(images, labels, order, 968, PAPER_BATCH)
+    assert_bitwise_equal(X, ref_X, "gathered images")
+    assert_bitwise_equal(labels_out, ref_labels, "gathered labels")
+
+
+# ---- subnormals: the emulator flushes them as CuPy's -ftz=true compiles ------------------------
+
+def online_update_ftz_ref(W, b, vW, vb, delta_out, x, lr, momentum):
+    """backward_update_partial's update (kernel order: step = lr (d x); v = mu v - step; W += v),
+    every operation flushed as -ftz=true does; returns new W, b, vW, vb."""
+    mul, add, sub = flushed(np.multiply), flushed(np.add), flushed(np.subtract)
+    lr, momentum = np.float32(lr), np.float32(momentum)
+    vW = sub(mul(momentum, vW), mul(lr, mul(delta_out[:, None], x[None, :])))
+    vb = sub(mul(momentum, vb), mul(lr, delta_out))
+    return add(W, vW), add(b, vb), vW, vb
+
+
+def test_online_update_flushes_subnormals_like_cuda():
+    """A softmax whose logits are 95 apart gives deltas ~e^-95, subnormal in float32; the first step
+    (zero velocities) then makes subnormal velocities. With -ftz=true (the emulator's default)
+    they are zero: the kernels must match a reference that flushes, bit for bit, and without the
+    flush they match numpy's IEEE reference bit for bit."""
+    n_out, n_in, lr, momentum = 10, 500, 0.01, 0.9
+    rng = rng_for("ftz")
+    logits = np.zeros((1, n_out), np.float32)
+    logits[0, 3] = 95.0
+    labels = np.array([3], np.int32)
+    softmax = R.softmax_xent_ref(logits, labels)
+    delta_out = softmax["delta"][0].copy()
+    assert ((delta_out != 0) & (np.abs(delta_out) < np.finfo(np.float32).tiny)).sum() == n_out - 1
+    delta_out[[0, 9]] = (0.3, -0.2)          # two normal deltas meet subnormal inputs and weights
+    W, b = layer(rng, n_out, n_in)
+    W[:, :20] *= np.float32(1e-37)           # subnormal weights (DAZ)
+    x = tanh_outputs(rng, n_in)
+    x[20:40] *= np.float32(1e-38)            # subnormal inputs (DAZ)
+    zeros = (np.zeros_like(W), np.zeros_like(b))
+    ieee = [a.copy() for a in (W, b, *zeros)]
+    R.sgd_update_ref(ieee[0], ieee[1], delta_out[None], x[None], lr, momentum, ieee[2], ieee[3])
+    ftz = online_update_ftz_ref(W, b, *zeros, delta_out, x, lr, momentum)
+    # the references differ in 3365 of the 5000 velocities (7 rows of subnormal deltas times 480
+    # normal inputs, and the subnormal inputs of the 2 normal rows): the test tells them apart
+    assert (ftz[2] != ieee[2]).sum() > 3000
+    for flush, want in ((True, ftz), (False, ieee)):
+        device = EmulatedDevice(flush_to_zero=flush)
+        got = [a.copy() for a in (W, b, *zeros)]
+        partial = device.empty(ops_mlp.partial_elements(n_out, n_in))
+        ops_mlp.backward_update_partial(device, got[0], got[1], delta_out, x, partial,
+                                        ops_mlp.Hyperparameters(device, lr, momentum), got[2], got[3])
+        for name, g, w in zip(("W", "b", "velocity_W", "velocity_b"), got, want):
+            assert_bitwise_equal(g, w, f"{name} flush_to_zero={flush}")
+        delta = device.empty((1, n_out))
+        loss, wrong, prediction = device.empty(1), device.empty(1, np.int32), device.empty(1, np.int32)
+        ops_mlp.softmax_xent(device, logits, labels, delta, loss, wrong, prediction)
+        if flush:   # exp(-95) is flushed to 0 before the division
+            assert_bitwise_equal(delta, flush_subnormals(softmax["delta"]), "softmax delta, flushed")
+        else:
+            assert_close(delta, softmax["delta"], 0.0, 1e-5, "softmax delta, IEEE subnormals")
+
+
 # ---- launcher argument checks ------------------------------------------------------------------
 
 def test_launchers_refuse_wrong_shapes_and_types():
@@ -389,10 +565,10 @@ def test_launchers_refuse_wrong_shapes_and_types():
         ops_mlp.layer_forward_gemm(d, W, b, np.zeros((2, 6)), np.zeros((2, 4), np.float32), True)
     with pytest.raises(ValueError, match="partial"):
         ops_mlp.backward_update_partial(d, W, b, np.zeros(4, np.float32), np.zeros(6, np.float32),
-                                        np.zeros(5, np.float32), np.float32(0.1))
+                                        np.zeros(5, np.float32), ops_mlp.Hyperparameters(d, 0.1))
     with pytest.raises(ValueError, match="velocity"):
         ops_mlp.sgd_update_gemm(d, W, b, np.zeros((2, 4), np.float32), np.zeros((2, 6), np.float32),
-                                np.float32(0.1), np.float32(0.9))
+                                ops_mlp.Hyperparameters(d, 0.1, 0.9))
 
 
 # ---- NVRTC -----------------------------------------------------------------------------------

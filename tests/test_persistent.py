@@ -54,6 +54,22 @@ def test_persistent_engine_stopped_and_resumed_ends_with_the_same_weights(data10
     assert json.loads((cut.path / "config.json").read_text())["engine"] == "persistent"
 
 
+def test_resume_may_change_the_engine_and_the_weights_stay_the_same(data100, tmp_path, capsys):
+    """--engine is resumable (config.RESUMABLE): both engines give the same bits, so a run begun
+    on one and finished on the other ends as a whole run does; config.json and train.log say so."""
+    whole = train(tmp_path / "whole", "--engine", "persistent", "--epochs", "3")
+    train(tmp_path / "cut", "--engine", "persistent", "--epochs", "1")
+    assert cli.main(["--resume", str(tmp_path / "cut"), "--epochs", "2", "--engine", "graph"]) == 0
+    assert cli.main(["--resume", str(tmp_path / "cut"), "--epochs", "3", "--engine", "auto"]) == 0
+    cut = RunDir(tmp_path / "cut")
+    assert weights_sha(cut) == weights_sha(whole)
+    config = json.loads((cut.path / "config.json").read_text())
+    assert (config["engine"], config["settings"]["engine"]) == ("persistent", "auto")
+    log = cut.log_path().read_text()
+    assert log.count("engine: persistent (requested)") == 1 and log.count("engine: graph (requested)") == 1
+    assert "engine: persistent (the device launches cooperatively" in log
+
+
 # ---- the trainers side by side: grids, block orders, weights on or off chip ---------------------
 
 def trainers(data, **persistent_options):
@@ -91,7 +107,7 @@ def first_difference(expected_state, state):
 
 
 @pytest.mark.parametrize("options", [dict(blocks=1), dict(blocks=2), dict(blocks=7, weights_in_shared=False),
-                                     dict(blocks=3, block_order="shuffled"), dict(block_order="reversed"),
+                                     dict(blocks=3, block_order="random"), dict(block_order="reverse"),
                                      dict(blocks=2, reverse_threads=True)],
                          ids=["1-block", "2-blocks", "7-blocks-global", "3-blocks-shuffled", "reversed",
                               "2-blocks-reversed-threads"])
@@ -102,7 +118,7 @@ def test_any_grid_block_order_and_weight_place_gives_the_graph_engines_bits(data
     block_order = options.pop("block_order", "launch")
     reverse_threads = options.pop("reverse_threads", False)
     graph, persistent = trainers(data100, **options)
-    persistent.block_order, persistent.block_order_seed = block_order, 11
+    persistent.kernel.module.block_order, persistent.kernel.module.block_order_seed = block_order, 11
     # threads of a block last to first, shared memory poisoned: what a missing __syncthreads shows in
     persistent.kernel.module.reverse_threads = persistent.kernel.module.poison_shared = reverse_threads
     assert persistent.plan.blocks == options.get("blocks", 5)
@@ -123,17 +139,17 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
     differs = {}
     for name, text in (("as is", source), ("planted", source.replace(planted, ""))):
         module = load_module_source(text, name=name.replace(" ", "_"), include_dirs=[KERNEL_DIR], poison_shared=True)
-        for block_order in ("launch", "shuffled"):
+        for block_order in ("launch", "random"):
             graph, persistent = trainers(data100, blocks=5)
             persistent.kernel = module.get_function(KERNEL)
             persistent.partial[...] = np.nan
-            persistent.block_order, persistent.block_order_seed = block_order, 5
+            module.block_order, module.block_order_seed = block_order, 5
             order = epoch_order(0, 1, graph.n_train)
             graph.train_epoch(1, 0.01, order)
             persistent.train_epoch(1, 0.01, order)
             differs[name, block_order] = first_difference(graph.get_state(), persistent.get_state()) is not None
-    assert differs == {("as is", "launch"): False, ("as is", "shuffled"): False,
-                       ("planted", "launch"): True, ("planted", "shuffled"): True}
+    assert differs == {("as is", "launch"): False, ("as is", "random"): False,
+                       ("planted", "launch"): True, ("planted", "random"): True}
 
 
 def test_a_planted_missing_syncthreads_is_caught_by_reversed_threads(data100):

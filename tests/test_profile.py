@@ -124,6 +124,14 @@ def test_a_bad_flag_is_one_line_and_exit_2(args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_unwritable_json_path_is_one_line_and_exit_2(tmp_path):
+    result = run_profile("--hidden", 16, "--static", "--json", tmp_path / "no such folder" / "p.json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write --json") and "No such file" in errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+
+
 @pytest.mark.parametrize("arch, threads, registers, shared, blocks, warps, limiter", [
     # 8 warps of 32 registers: 64 warps fit the register file, and 8 blocks fill the 64 warp slots
     ("sm_90", 256, 32, 0, 8, 64, "threads"),
@@ -199,7 +207,7 @@ class FakeTrainer:
     def __init__(self):
         self.cursor = np.zeros(1, np.int32)
 
-    def capture_steps(self, steps, batch_size, lr):
+    def capture_steps(self, steps, batch_size):
         return SimpleNamespace(replay=lambda: None)
 
 

@@ -1,6 +1,7 @@
-"""Committees, the paper's table, the ablation and the seed study, on tiny CPU runs of the
-synthetic set."""
+"""The paper's table, the ablation and the seed study, on tiny CPU runs of the synthetic set."""
 import json
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpumlp import cli, committee, paper_table, studies
+from gpumlp import cli, paper_table, studies
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--hidden", "8", "--epochs", "2", "--batch-size", "4", "--lr", "0.02"]
@@ -18,11 +19,6 @@ TINY = ["--device", "cpu", "--hidden", "8", "--epochs", "2", "--batch-size", "4"
 def train(out, *extra):
     assert cli.main([*TINY, *map(str, extra), "--out", str(out)]) == 0
     return out
-
-
-def best_val_probs(run):
-    with np.load(Path(run) / "predictions.npz") as data:
-        return data["best_val_probs"], data["test_labels"]
 
 
 def one_error_line(capsys, code, fragment):
@@ -35,47 +31,8 @@ def summary(run):
     return json.loads((Path(run) / "summary.json").read_text())
 
 
-# -- committee -------------------------------------------------------------------------------------
-def test_committee_of_a_run_with_itself_is_the_run(synthetic_mnist, tmp_path):
-    run = train(tmp_path / "a", "--no-augment")
-    members = [committee.load_member(run)] * 2
-    result = committee.form_committee(members)
-    probs, labels = best_val_probs(run)
-    np.testing.assert_array_equal(result.predictions, probs.argmax(axis=1))
-    assert result.error() == pytest.approx(summary(run)["test_error_at_best_val"])
-
-
-def test_committee_answers_the_argmax_of_the_mean_probabilities(synthetic_mnist, tmp_path, capsys):
-    runs = [train(tmp_path / f"seed{seed}", "--seed", seed, "--hidden", 4 + 2 * seed) for seed in range(3)]
-    out_file = tmp_path / "committee.md"
-    capsys.readouterr()
-    assert committee.main([*map(str, runs), "--out", str(out_file)]) == 0
-    printed = capsys.readouterr().out
-    assert printed == out_file.read_text()
-
-    probs = [best_val_probs(run)[0] for run in runs]
-    labels = best_val_probs(runs[0])[1]
-    expected = np.mean(np.stack(probs).astype(np.float64), axis=0).argmax(axis=1)
-    result = committee.form_committee([committee.load_member(run) for run in runs])
-    np.testing.assert_array_equal(result.predictions, expected)
-    wrong = np.flatnonzero(expected != labels)
-    np.testing.assert_array_equal(result.wrong, wrong)
-    assert f"| **committee of 3** | mean of the softmax outputs | **{100 * len(wrong) / len(labels):.2f}% " \
-           f"({len(wrong)})** |" in printed
-    for run, p in zip(runs, probs):
-        member_wrong = int((p.argmax(axis=1) != labels).sum())
-        assert f"| {run} | 841-" in printed and f"% ({member_wrong}) |" in printed
-    for i in wrong:
-        assert f"| {i} | {labels[i]} | {expected[i]} |" in printed
-
-
-def test_committee_refuses_members_tested_on_other_digits(synthetic_mnist, tmp_path, capsys):
-    full = train(tmp_path / "full", "--no-augment")
-    fewer = train(tmp_path / "fewer", "--no-augment", "--test-images", "30")
-    one_error_line(capsys, committee.main([str(full), str(fewer)]), "must share the test set")
-    one_error_line(capsys, committee.main([str(full), str(tmp_path / "nowhere")]), "no such run directory")
-    (fewer / "predictions.npz").unlink()
-    one_error_line(capsys, committee.main([str(full), str(fewer)]), "no predictions.npz")
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- the paper's table -----------------------------------------------------------------------------
@@ -124,7 +81,63 @@ def test_ablation_trains_with_and_without_deformation_at_one_seed(synthetic_mnis
     assert studies.main(["ablation", "--out", str(out), *TINY, "--seed", "5"]) == 0   # a second call reuses
     assert capsys.readouterr().out.count("finished earlier, reused") == 2
     one_error_line(capsys, studies.main(["ablation", "--out", str(out), *TINY, "--seed", "6"]),
-                   "holds a run made with other flags")
+                   "holds a run made with other settings (seed 5, not 6)")
+
+
+def test_a_study_compares_settings_not_the_text_of_the_flags(synthetic_mnist, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]) == 0
+    assert "## Seeds: 1 run differing only in the seed" in (out / "seeds.md").read_text()
+    assert "120 training images and 60 test images" in (out / "seeds.md").read_text()
+    capsys.readouterr()
+    reordered = ["--lr=0.02", "--hidden=8", "--batch-size", "4", "--epochs", "2", "--device", "cpu",
+                 "--checkpoint-every", "5"]     # where checkpoints go is not a setting of the result
+    assert studies.main(["seeds", "--seeds", "1", "--out", str(out), *reordered]) == 0
+    assert "finished earlier, reused" in capsys.readouterr().out
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY, "--hidden", "9"]),
+                   "other settings (hidden [8], not [9])")
+    (out / "seed_0" / "config.json").write_text("{}")
+    one_error_line(capsys, studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]),
+                   "config.json records no settings")
+
+
+STUDY_ON_SYNTHETIC_DIGITS = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import make_synthetic_mnist
+import gpumlp.data
+data = make_synthetic_mnist(n_train=1000)
+gpumlp.data.load_mnist = lambda *args, **kwargs: data
+from gpumlp import studies
+sys.exit(studies.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_a_study_advises_rerunning_it_and_the_rerun_resumes(tmp_path):
+    script = tmp_path / "study.py"
+    script.write_text(STUDY_ON_SYNTHETIC_DIGITS)
+    out = tmp_path / "seeds"
+    command = [sys.executable, "-u", str(script), "seeds", "--seeds", "2", "--out", str(out), "--device", "cpu",
+               "--hidden", "50", "--epochs", "4", "--batch-size", "1", "--lr", "0.01", "--no-augment"]
+    study = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in study.stdout:                  # the first member has finished epoch 1 of 4
+        if re.match(r"\s+1\s", line):
+            break
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (f"interrupted: every finished run is kept, and {out / 'seed_0'} "
+                                            "up to its last saved epoch; run the same command again to continue")
+    stopped_at = summary(out / "seed_0")["epochs_completed"]
+    assert 1 <= stopped_at < 4 and not (out / "seed_1").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{out / 'seed_0'}: unfinished, resuming" in rerun.stdout
+    for seed in (0, 1):
+        assert summary(out / f"seed_{seed}")["epochs_completed"] == 4
+        assert [r["epoch"] for r in metrics(out / f"seed_{seed}")] == [1, 2, 3, 4]
+    assert (out / "seeds.md").is_file()
 
 
 def test_seed_study_reports_mean_and_standard_deviation(synthetic_mnist, tmp_path):
@@ -140,13 +153,22 @@ def test_seed_study_reports_mean_and_standard_deviation(synthetic_mnist, tmp_pat
     assert f"| **mean ± std of 3** | **{mean_std(errors)}** | **{mean_std(best)}** |" in table
 
 
+def test_ctrl_c_between_the_runs_of_a_study_advises_rerunning_it(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(studies, "train_run", interrupted)
+    assert studies.main(["seeds", "--seeds", "2", "--out", str(tmp_path), *TINY]) == 130
+    assert capsys.readouterr().err == ("interrupted: every finished run is kept; run the same command "
+                                       "again to continue\n")
+
+
 def test_studies_refuse_flags_they_set(tmp_path, capsys):
     one_error_line(capsys, studies.main(["seeds", "--seeds", "2", "--out", str(tmp_path), "--seed", "3"]), "--seed")
     one_error_line(capsys, studies.main(["ablation", "--out", str(tmp_path), "--no-augment"]), "--no-augment")
     one_error_line(capsys, studies.main(["seeds", "--seeds", "0", "--out", str(tmp_path)]), "at least 1")
 
 
-@pytest.mark.parametrize("module, words", [("gpumlp.committee", ["RUN_DIR", "--out"]),
+@pytest.mark.parametrize("module, words", [("gpumlp.committee", ["RUN_DIR", "--out", "--show-errors"]),
                                            ("gpumlp.paper_table", ["--collect", "--nets", "--table"]),
                                            ("gpumlp.studies", ["ablation", "seeds"])])
 def test_every_command_has_help(module, words):
@@ -154,10 +176,3 @@ def test_every_command_has_help(module, words):
                           cwd=ROOT, check=True).stdout
     for word in words:
         assert word in text, word
-
-
-def test_committee_command_line_error_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gpumlp.committee", str(tmp_path / "missing")],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")

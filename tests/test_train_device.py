@@ -1,7 +1,6 @@
 """The GPU training path end to end on the CPU emulator (`--device emulate`): the same kernels,
 launch sequence and graph structure as on a GPU, checked against the numpy reference path."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +62,52 @@ def test_graph_chunking_does_not_change_the_result(data256, tmp_path):
     a = train(tmp_path / "a", "--graph-steps", "80", "--epochs", "1")
     b = train(tmp_path / "b", "--graph-steps", "256", "--epochs", "1")
     assert summary(a)["weights_sha256"] == summary(b)["weights_sha256"]
+
+
+@pytest.mark.parametrize("device", ["emulate", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs an NVIDIA GPU with CuPy")])])
+def test_each_graph_is_captured_once_per_run(data256, tmp_path, monkeypatch, device):
+    """3 epochs of 250 images at batch 8 with 10 steps per graph: 31 full steps (3 replays of a
+    10-step graph, a 1-step remainder) and a tail of 2 images, i.e. 3 distinct graphs, captured in
+    epoch 1 and only replayed after. The learning rate halves every epoch and is read from device
+    memory at replay: the per-epoch losses still follow the CPU trainer's."""
+    from gpumlp.device import CudaDevice, EmulatedDevice
+    device_class = EmulatedDevice if device == "emulate" else CudaDevice
+    captured = []
+    real_capture = device_class.capture
+
+    def counting_capture(device):
+        captured.append(device)
+        return real_capture(device)
+
+    monkeypatch.setattr(device_class, "capture", counting_capture)
+    args = ["--epochs", "3", "--train-images", "250", "--batch-size", "8", "--graph-steps", "10",
+            "--lr", "0.02", "--lr-decay", "0.5", *(["--skip-selfcheck"] if device == "cuda" else [])]
+    on_device = train(tmp_path / "device", *args, device=device)
+    assert len(captured) == 3
+    reference = train(tmp_path / "cpu", *args, device="cpu")
+    device_metrics, reference_metrics = on_device.read_metrics(), reference.read_metrics()
+    assert [m["lr"] for m in device_metrics] == pytest.approx([0.02, 0.01, 0.005])
+    for e, r in zip(device_metrics, reference_metrics, strict=True):
+        assert e["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4), (e, r)
+        assert e["train_error"] == r["train_error"]
+
+
+def test_the_bench_captures_before_its_timed_passes(monkeypatch):
+    """gpumlp.bench's gpumlp rows (GpumlpCuda, here on the emulator) capture their graph when built,
+    as its PyTorch-graph rows do, so no timed pass includes a capture."""
+    from gpumlp import bench, nets
+    from gpumlp.device import EmulatedDevice
+    captured = []
+    real_capture = EmulatedDevice.capture
+    monkeypatch.setattr(EmulatedDevice, "capture", lambda device: captured.append(device) or real_capture(device))
+    images, labels = bench.synthetic_images(10, seed=0)
+    workload = bench.Workload(nets.layer_sizes([16]), images, labels, "synthetic", lr=0.01, seed=0, repeats=2)
+    on_device = bench.GpumlpCuda(workload, 4, EmulatedDevice())   # a pass: 2 steps of 4 images
+    assert len(captured) == 1
+    for pass_index in range(3):
+        on_device.run_pass(workload.order(pass_index, 4))
+    assert len(captured) == 1
 
 
 def test_emulate_writes_the_run_directory(data256, tmp_path, capsys):

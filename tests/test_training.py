@@ -28,7 +28,7 @@ def test_help_lists_every_flag():
     for flag in ["--net", "--hidden", "--batch-size", "--lr", "--lr-decay", "--lr-min", "--momentum",
                  "--seed", "--no-augment", "--beta", "--beta-1-7", "--gamma", "--sigma", "--alpha",
                  "--validation", "--train-images", "--test-images", "--data-dir", "--device", "--out",
-                 "--resume", "--epochs"]:
+                 "--resume", "--epochs", "--checkpoint-every", "--checkpoint-minutes", "--config"]:
         assert flag in out, flag
 
 
@@ -122,6 +122,35 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(synthetic_mn
     run_cli("--device", "cpu", *TINY, "--checkpoint-every", "5", "--out", tmp_path / "nan", expect=3)
     assert "loss became nan in epoch 2" in capsys.readouterr().err
     assert RunDir(tmp_path / "nan").load_checkpoint()[0] == 1
+
+
+def test_initial_weights_drawn_in_pieces_equal_one_float64_draw(monkeypatch):
+    """init_params draws INIT_CHUNK numbers at a time to spare a float64 copy of each matrix; the
+    values must stay those of one whole draw cast to float32, so recorded weights_sha256 stay valid."""
+    from gpumlp import nets
+    monkeypatch.setattr(nets, "INIT_CHUNK", 1000)  # many pieces, one ending inside a row
+    sizes = [841, 37, 10]
+    rng = np.random.default_rng([5, 0x1417])
+    for W, b in nets.init_params(sizes, 5):
+        np.testing.assert_array_equal(W, rng.uniform(-0.05, 0.05, size=W.shape).astype(np.float32))
+        np.testing.assert_array_equal(b, rng.uniform(-0.05, 0.05, size=b.shape).astype(np.float32))
+
+
+def test_deforming_in_pieces_for_progress_equals_one_call(synthetic_mnist, monkeypatch):
+    """CpuTrainer deforms the training set piece by piece to report progress; the digits must be
+    those of one deform_images_ref call over the whole set, bit for bit (the pieces are whole
+    multiples of deform.CHUNK, the unit that call works in)."""
+    from gpumlp import deform, nets
+    from gpumlp.config import TrainConfig
+    config = TrainConfig(hidden=[4])
+    images, labels = synthetic_mnist.train_images, synthetic_mnist.train_labels
+    monkeypatch.setattr(deform, "CHUNK", 16)  # pieces of 16 * THREADS images, the last one short
+    whole = deform.deform_images_ref(images, labels, None, 7, 3, config.deform_config())[0]
+    reported = []
+    trainer = CpuTrainer(nets.init_params(config.sizes, 0), images, labels, 1, 0.0, config.deform_config(), 7)
+    pieces = trainer.deformed_training_set(3, lambda done, stage: reported.append((done, stage)))
+    np.testing.assert_array_equal(pieces, whole)
+    assert reported[-1] == (len(labels), "deforming") and len(reported) > 1
 
 
 def test_learning_rate_schedule_and_floor():

@@ -1,27 +1,55 @@
 """CPU emulator for the project's CUDA kernels: compiles the unchanged .cu text with g++ and launches
 it with CuPy's RawKernel call form, `kernel(grid, block, args, shared_mem=...)`, on numpy arrays.
 
-Each CUDA thread of a block runs as a fiber, so barriers and warp operations keep their meaning;
-`poison_shared` (shared memory filled with NaN bytes before each block) and `reverse_threads`
-(threads of a block run last to first) make missing barriers show up as wrong results. Deadlocks
-and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
+Each CUDA thread of a block runs as a fiber, so barriers and warp operations keep their meaning.
+Checks, set per Module (and changeable between launches):
+  * memcheck (on by default): every array argument lies between guard pages during the launch
+    (arrays from guarded_empty always do; others are copied there and back); an out-of-bounds
+    read or write raises EmulatorError naming the kernel, argument and index.
+  * flush_to_zero (on by default): subnormal floats count as zero, as CuPy's -ftz=true compiles.
+  * launch limits of a GPU: the kernel's __launch_bounds__, 1024 threads, block z <= 64, grid y
+    and z <= 65535, static + dynamic shared memory <= 48 KiB without the opt-in attribute.
+  * block_order: "launch", "reverse" or "random" (seeded by block_order_seed); with
+    compare_block_orders every launch runs in all three on copies of its arrays, which must end
+    bit for bit equal.
+  * poison_shared (shared memory filled with NaN bytes before each block) and reverse_threads
+    (threads of a block run last to first) make missing barriers show up as wrong results.
+Deadlocks and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
 `Kernel.launch_cooperative` runs a cooperative launch: every block resident at once, with
-`cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py).
+`cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py),
+under the same checks; its block order applies anew between every two grid barriers. Arrays the
+kernel reaches through addresses (not arguments) are named in `indirect`: memcheck requires them
+to be guarded_empty arrays (their guard pages fault wherever the address came from) and
+compare_block_orders restores and compares them like the arguments.
 """
 from __future__ import annotations
 
 import ctypes
 import struct
+import weakref
 from pathlib import Path
 
-from gpumlp.emulator.arguments import ArgumentPacker
-from gpumlp.emulator.build import EmulatorError, build_module, build_runtime
+import numpy as np
 
-__all__ = ["load_module", "load_module_source", "EmulatorError", "KernelNotFoundError", "Module", "Kernel"]
+from gpumlp.emulator.arguments import ArgumentPacker
+from gpumlp.emulator.build import EmulatorError, build_module, build_runtime, static_shared_bytes
+
+__all__ = ["load_module", "load_module_source", "guarded_empty", "EmulatorError", "KernelNotFoundError", "Module",
+           "Kernel"]
 
 _MESSAGE_BYTES = 2048
-_POISON_SHARED, _REVERSE_THREADS = 1, 2
+_POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK, _COOPERATIVE = 1, 2, 4, 8, 16
 _DIMENSIONS = struct.Struct("<6I")
+BLOCK_ORDERS = ("launch", "reverse", "random")   # scheduler.c enum block_order, in this order
+
+# What a GPU accepts (every NVIDIA GPU since Kepler): threads per block, block and grid extents,
+# and the shared memory one block may have without cudaFuncAttributeMaxDynamicSharedMemorySize
+# (CuPy: RawKernel.max_dynamic_shared_size_bytes) and with it (H100, H200: 227 KiB).
+MAX_THREADS_PER_BLOCK = 1024
+MAX_BLOCK = (1024, 1024, 64)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+SHARED_BYTES_WITHOUT_OPT_IN = 48 * 1024
+SHARED_BYTES_WITH_OPT_IN = 227 * 1024
 
 
 class KernelNotFoundError(KeyError):
@@ -39,10 +67,31 @@ def _runtime():
         library = ctypes.CDLL(str(build_runtime()), mode=ctypes.RTLD_GLOBAL)
         library.gpumlp_launch.restype = ctypes.c_int
         library.gpumlp_launch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p,
-                                          ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                                          ctypes.c_size_t]
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_char_p,
+                                          ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+        library.gpumlp_guarded_allocate.restype = ctypes.c_void_p
+        library.gpumlp_guarded_allocate.argtypes = [ctypes.c_size_t]
+        library.gpumlp_guarded_free.restype = None
+        library.gpumlp_guarded_free.argtypes = [ctypes.c_void_p]
+        library.gpumlp_guarded_holds.restype = ctypes.c_int
+        library.gpumlp_guarded_holds.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _runtime_library = library
     return _runtime_library
+
+
+def guarded_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised (zero) array in a guarded region of its own, ending at a guard page: memcheck
+    checks it in place, without the copy it makes of other arrays. Freed with its last view."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    library = _runtime()
+    pointer = library.gpumlp_guarded_allocate(nbytes)
+    if not pointer:
+        raise MemoryError(f"the emulator could not map a guarded array of {nbytes} bytes")
+    memory = (ctypes.c_char * nbytes).from_address(pointer)
+    weakref.finalize(memory, library.gpumlp_guarded_free, pointer)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def _dimensions(value, what: str) -> tuple[int, int, int]:
@@ -63,34 +112,68 @@ def _dimensions(value, what: str) -> tuple[int, int, int]:
 class Kernel:
     """One __global__ function of a Module, called like CuPy's RawKernel."""
 
-    def __init__(self, module: Module, name: str, entry: int, packer: ArgumentPacker):
+    def __init__(self, module: Module, name: str, entry: int, packer: ArgumentPacker, max_threads_per_block: int):
         self.module = module
         self.name = name
         self._entry = entry
         self._packer = packer
+        self.max_threads_per_block = max_threads_per_block   # as CuPy's RawKernel attribute
+        self._max_dynamic_shared = 0
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        """The opt-in to more than 48 KiB of shared memory, as CuPy's RawKernel attribute."""
+        return self._max_dynamic_shared
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        limit = SHARED_BYTES_WITH_OPT_IN - self.module.static_shared_bytes(self.name)
+        if not 0 <= int(value) <= limit:
+            raise EmulatorError(f"kernel '{self.name}': max_dynamic_shared_size_bytes {value} is outside 0..{limit} "
+                                f"(227 KiB less the kernel's static shared memory)")
+        self._max_dynamic_shared = int(value)
+
+    def _refuse(self, problem: str):
+        raise EmulatorError(f"kernel '{self.name}' (module {self.module.name}): invalid launch: {problem}; "
+                            f"a GPU refuses it")
+
+    def _check_limits(self, grid, block, shared_mem: int) -> None:
+        threads = block[0] * block[1] * block[2]
+        if any(b > m for b, m in zip(block, MAX_BLOCK)) or threads > MAX_THREADS_PER_BLOCK:
+            self._refuse(f"block {block} has {threads} threads; a block has at most {MAX_THREADS_PER_BLOCK} "
+                         f"threads and extents up to {MAX_BLOCK}")
+        if threads > self.max_threads_per_block:
+            self._refuse(f"block {block} has {threads} threads, more than the kernel's "
+                         f"__launch_bounds__({self.max_threads_per_block})")
+        if any(g > m for g, m in zip(grid, MAX_GRID)):
+            self._refuse(f"grid {grid} exceeds the largest grid {MAX_GRID}")
+        static = self.module.static_shared_bytes(self.name)
+        limit = max(SHARED_BYTES_WITHOUT_OPT_IN - static, self._max_dynamic_shared)
+        if shared_mem > limit:
+            self._refuse(f"{shared_mem} bytes of dynamic shared memory + {static} static exceed "
+                         f"{SHARED_BYTES_WITHOUT_OPT_IN} bytes and max_dynamic_shared_size_bytes is "
+                         f"{self._max_dynamic_shared}")
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
-        dimensions = _DIMENSIONS.pack(*_dimensions(grid, "grid"), *_dimensions(block, "block"))
-        slots = self._packer.pack(args)
-        module = self.module
-        flags = (_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
-        if _runtime().gpumlp_launch(self._entry, dimensions, int(shared_mem), module.memory, flags, slots,
-                                    len(self._packer.parameters), module.message_buffer, _MESSAGE_BYTES):
-            raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
-                                f"{module.message_buffer.value.decode(errors='replace')}")
+        grid, block = _dimensions(grid, "grid"), _dimensions(block, "block")
+        shared_mem = int(shared_mem)
+        self._check_limits(grid, block, shared_mem)
+        self._run(grid, block, args, shared_mem, cooperative=False, indirect=())
 
     def launch_cooperative(self, grid, block, args, shared_mem: int = 0, registers_per_thread: int = 0,
-                           block_order: str = "launch", seed: int = 0) -> None:
+                           indirect=()) -> None:
         """A cooperative launch (cudaLaunchCooperativeKernel): every block resident at once, so
         that cooperative_groups::this_grid().sync() is a grid-wide barrier. A grid larger than the
-        nominal device can hold resident is refused, as a GPU refuses it. `block_order` ("launch",
-        "reversed", "shuffled" with `seed`) is the order in which the blocks run between two grid
-        barriers; comparing orders finds a missing grid barrier."""
+        nominal device can hold resident is refused, as a GPU refuses it. The module's block order
+        is the order in which the blocks run between two grid barriers ("random": drawn anew for
+        each); comparing orders finds a missing grid barrier. `indirect`: the arrays the kernel
+        reaches through addresses (see the package docstring)."""
         from gpumlp.emulator import cooperative
-        grid_extents, block_extents = _dimensions(grid, "grid"), _dimensions(block, "block")
-        blocks = grid_extents[0] * grid_extents[1] * grid_extents[2]
-        threads = block_extents[0] * block_extents[1] * block_extents[2]
-        shared = cooperative.static_shared_bytes(self.module) + int(shared_mem)
+        grid, block = _dimensions(grid, "grid"), _dimensions(block, "block")
+        shared_mem = int(shared_mem)
+        self._check_limits(grid, block, shared_mem)
+        blocks, threads = grid[0] * grid[1] * grid[2], block[0] * block[1] * block[2]
+        shared = self.module.static_shared_bytes(self.name) + shared_mem
         limit = cooperative.resident_block_limit(threads, int(registers_per_thread), shared)
         if blocks > limit:
             device = cooperative.NOMINAL_DEVICE
@@ -98,37 +181,116 @@ class Kernel:
                 f"kernel '{self.name}': a cooperative launch of {blocks} blocks is too large: at most {limit} "
                 f"blocks of {threads} threads ({registers_per_thread} registers each, {shared} bytes of shared "
                 f"memory) are resident on the {device.name}, {device.sm_count} SMs ({device.arch} limits)")
-        if block_order not in cooperative.BLOCK_ORDERS:
-            raise ValueError(f"block_order must be one of {', '.join(cooperative.BLOCK_ORDERS)}, got {block_order!r}")
-        dimensions = _DIMENSIONS.pack(*grid_extents, *block_extents)
+        indirect = tuple(indirect)
+        if self.module.memcheck:
+            for index, array in enumerate(indirect):
+                if not _runtime().gpumlp_guarded_holds(array.ctypes.data, array.nbytes):
+                    raise EmulatorError(f"kernel '{self.name}': indirect array {index} ({array.dtype}, shape "
+                                        f"{array.shape}) is not a guarded array: memcheck could not see the "
+                                        f"kernel's accesses to it (allocate it with guarded_empty)")
+        self._run(grid, block, args, shared_mem, cooperative=True, indirect=indirect)
+
+    def _run(self, grid, block, args, shared_mem: int, cooperative: bool, indirect) -> None:
         slots = self._packer.pack(args)
         module = self.module
-        flags = (_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
-        if cooperative._launcher(_runtime())(self._entry, dimensions, int(shared_mem), module.memory, flags,
-                                             cooperative.BLOCK_ORDERS[block_order], int(seed), slots,
-                                             len(self._packer.parameters), module.message_buffer, _MESSAGE_BYTES):
+        if not module.compare_block_orders:
+            self._launch(grid, block, slots, args, shared_mem, module.block_order, cooperative)
+            return
+        self._launch_in_every_block_order(grid, block, slots, args, shared_mem, cooperative, indirect)
+
+    def _launch(self, grid, block, slots: bytes, args, shared_mem: int, block_order: str,
+                cooperative: bool = False) -> None:
+        module = self.module
+        flags = ((_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
+                 | (_FLUSH_TO_ZERO if module.flush_to_zero else 0) | (_MEMCHECK if module.memcheck else 0)
+                 | (_COOPERATIVE if cooperative else 0))
+        extents = self._packer.extents(args) if module.memcheck else None
+        module.launches += 1
+        seed = (module.block_order_seed * 0x9E3779B97F4A7C15 + module.launches) % 2**64
+        if _runtime().gpumlp_launch(self._entry, _DIMENSIONS.pack(*grid, *block), shared_mem, module.memory, flags,
+                                    BLOCK_ORDERS.index(block_order), seed, slots, len(self._packer.parameters),
+                                    extents, module.message_buffer, _MESSAGE_BYTES):
             raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
                                 f"{module.message_buffer.value.decode(errors='replace')}")
+
+    def _launch_in_every_block_order(self, grid, block, slots: bytes, args, shared_mem: int,
+                                     cooperative: bool = False, indirect=()) -> None:
+        """Runs the launch in each block order from the same inputs; the arrays (arguments and
+        `indirect` ones) must end equal bit for bit (they then hold that common result), else the
+        result depends on the order of blocks."""
+        arrays = {}
+        for parameter, value in zip(self._packer.parameters, args):
+            if parameter.is_pointer:
+                arrays.setdefault(id(value), (parameter.name, value))
+        for index, array in enumerate(indirect):
+            arrays.setdefault(id(array), (f"indirect array {index}", array))
+        inputs = {key: array.copy() for key, (_, array) in arrays.items()}
+        results = {}
+        for order in BLOCK_ORDERS:
+            for key, (_, array) in arrays.items():
+                np.copyto(array, inputs[key])
+            self._launch(grid, block, slots, args, shared_mem, order, cooperative)
+            results[order] = {key: array.copy() for key, (_, array) in arrays.items()}
+        first = BLOCK_ORDERS[0]
+        for order in BLOCK_ORDERS[1:]:
+            for key, (name, _) in arrays.items():
+                a, b = results[first][key].reshape(-1), results[order][key].reshape(-1)
+                width = (a.size, a.itemsize)
+                differ = (a.view(np.uint8).reshape(width) != b.view(np.uint8).reshape(width)).any(axis=1)
+                if differ.any():
+                    index = int(np.argmax(differ))
+                    raise EmulatorError(
+                        f"kernel '{self.name}' (module {self.module.name}): argument '{name}' differs between "
+                        f"{first} and {order} block order in {int(differ.sum())} of {differ.size} elements, "
+                        f"first at index {index} ({a[index]} vs {b[index]}): the result depends on the order "
+                        f"in which blocks run")
 
     def __repr__(self):
         return f"<emulated kernel {self.name} of {self.module.name}>"
 
 
 class Module:
-    """A compiled .cu text; `poison_shared` and `reverse_threads` may be changed between launches."""
+    """A compiled .cu text; the checks (see the package docstring) may be changed between launches."""
 
     def __init__(self, source: str, name: str, include_dirs=(), source_dir: Path | None = None,
-                 poison_shared: bool = False, reverse_threads: bool = False):
+                 poison_shared: bool = False, reverse_threads: bool = False, memcheck: bool = True,
+                 flush_to_zero: bool = True, block_order: str = "launch", block_order_seed: int = 0,
+                 compare_block_orders: bool = False):
         _runtime()
         self.name = name
         self.poison_shared = poison_shared
         self.reverse_threads = reverse_threads
+        self.memcheck = memcheck
+        self.flush_to_zero = flush_to_zero
+        self.block_order = block_order
+        self.block_order_seed = block_order_seed
+        self.compare_block_orders = compare_block_orders
+        self.launches = 0
         self.library_path, kernels, self.compiled = build_module(source, name, include_dirs, source_dir)
         self._library = ctypes.CDLL(str(self.library_path))
         self.memory = ctypes.addressof(ctypes.c_char.in_dll(self._library, "gpumlp_memory"))
+        static_begin, static_end = (ctypes.c_void_p.from_address(self.memory + i * ctypes.sizeof(ctypes.c_void_p)).value
+                                    for i in (0, 1))
+        # All of the module's __shared__ variables (less the section's anchor byte): the bound of
+        # any kernel's static shared memory where the symbol table cannot tell which uses which.
+        self._all_static_shared = static_end - static_begin - 1
+        self._static_shared = static_shared_bytes(self.library_path, [k.name for k in kernels]) or {}
         self.message_buffer = ctypes.create_string_buffer(_MESSAGE_BYTES)
         self._declarations = {kernel.name: kernel for kernel in kernels}
         self._kernels = {}
+
+    @property
+    def block_order(self) -> str:
+        return self._block_order
+
+    @block_order.setter
+    def block_order(self, order: str) -> None:
+        if order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {', '.join(BLOCK_ORDERS)}, got {order!r}")
+        self._block_order = order
+
+    def static_shared_bytes(self, kernel: str) -> int:
+        return self._static_shared.get(kernel, self._all_static_shared)
 
     @property
     def kernel_names(self) -> list[str]:
@@ -144,19 +306,21 @@ class Module:
             signature = ctypes.string_at(
                 ctypes.addressof(ctypes.c_char.in_dll(self._library, f"gpumlp_signature_{name}"))).decode()
             packer = ArgumentPacker(name, signature, declaration.parameter_names)
-            self._kernels[name] = Kernel(self, name, entry, packer)
+            max_threads = (ctypes.c_int.in_dll(self._library, f"gpumlp_max_threads_{name}").value
+                           if declaration.max_threads_expression is not None else MAX_THREADS_PER_BLOCK)
+            self._kernels[name] = Kernel(self, name, entry, packer, max_threads)
         return self._kernels[name]
 
 
-def load_module(path, include_dirs=(), poison_shared: bool = False, reverse_threads: bool = False) -> Module:
-    """Compiles (or takes from the cache) the .cu file at `path`."""
+def load_module(path, include_dirs=(), **checks) -> Module:
+    """Compiles (or takes from the cache) the .cu file at `path`; `checks` are Module's keyword
+    arguments (memcheck and flush_to_zero on unless switched off)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {path} not found")
-    return Module(path.read_text(), path.stem, include_dirs, path.resolve().parent, poison_shared, reverse_threads)
+    return Module(path.read_text(), path.stem, include_dirs, path.resolve().parent, **checks)
 
 
-def load_module_source(source_text: str, name: str = "x", include_dirs=(), poison_shared: bool = False,
-                       reverse_threads: bool = False) -> Module:
+def load_module_source(source_text: str, name: str = "x", include_dirs=(), **checks) -> Module:
     """Compiles (or takes from the cache) CUDA source text; `name` labels errors and the cache file."""
-    return Module(source_text, name, include_dirs, None, poison_shared, reverse_threads)
+    return Module(source_text, name, include_dirs, None, **checks)

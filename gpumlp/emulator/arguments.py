@@ -8,6 +8,7 @@ structs such as `float4*`).
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 import weakref
 
@@ -30,6 +31,9 @@ SCALARS = {
     "?": (np.bool_, "bool", "?7x"),
 }
 
+
+# The size in bytes that marks a scalar argument in the extents handed to memcheck (scheduler.c).
+NOT_A_BUFFER = 2**64 - 1
 
 # Reading an array's data pointer costs microseconds (numpy builds a ctypes or dict object), about
 # as much as a whole launch of a small kernel; training relaunches with the same arrays, so the
@@ -73,6 +77,11 @@ class ArgumentPacker:
         self.parameters = [Parameter(name, kind[0], kind[1]) for name, kind in zip(parameter_names, kinds)]
         self._unsupported = next((p for p in self.parameters if p.slot_format is None), None)
         self._slots = struct.Struct("<" + "".join(p.slot_format or "" for p in self.parameters))
+        # How memcheck names each argument in a report; the buffers live as long as the packer.
+        self._descriptions = [ctypes.create_string_buffer(f"'{p.name}' ({p.c_type})".encode())
+                              for p in self.parameters]
+        self._description_addresses = [ctypes.addressof(d) for d in self._descriptions]
+        self._extents = struct.Struct("<" + "QQQQ" * len(self.parameters))
 
     def _refuse(self, parameter: Parameter, problem: str):
         raise KernelArgumentError(f"{self.kernel_name}: parameter '{parameter.name}' ({parameter.c_type}) {problem}")
@@ -108,3 +117,15 @@ class ArgumentPacker:
         if parameter.dtype is not None and value.dtype != parameter.dtype:
             self._refuse(parameter, f"needs a {parameter.dtype} array, got {value.dtype}")
         return data_pointer(value)
+
+    def extents(self, args) -> bytes:
+        """For memcheck, per argument (already checked by `pack`): its size in bytes (NOT_A_BUFFER
+        for a scalar), its element size, whether it may be written, and the address of its
+        description."""
+        values = []
+        for parameter, value, description in zip(self.parameters, args, self._description_addresses):
+            if parameter.is_pointer:
+                values += (value.nbytes, value.itemsize, value.flags.writeable, description)
+            else:
+                values += (NOT_A_BUFFER, 0, 0, description)
+        return self._extents.pack(*values)

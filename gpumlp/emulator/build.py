@@ -39,6 +39,9 @@ DYNAMIC_SHARED_CAPACITY = 227 * 1024
 _COMMENT_OR_LITERAL = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _PREPROCESSOR_LINE = re.compile(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", re.M)
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\s*\([^()]*\)")
+# __launch_bounds__(max threads[, ...]) and the kernel it belongs to: the first name followed by "("
+# after it, on the definition or on a declaration ("extern "C" __launch_bounds__(256) __global__ ...").
+_LAUNCH_BOUNDS_OF = re.compile(r"__launch_bounds__\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)[^;{}()]*?\b([A-Za-z_]\w*)\s*\(")
 _KERNEL = re.compile(r"\b__global__\b[^;{}()]*?\b([A-Za-z_]\w*)\s*\(([^()]*)\)")
 _EXTERN_SHARED_NAME = re.compile(r"\bextern\s+__shared__\b[^;]*?\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*["<]([^">]+)[">]', re.M)
@@ -52,6 +55,7 @@ class EmulatorError(RuntimeError):
 class KernelDeclaration:
     name: str
     parameter_names: tuple[str, ...]
+    max_threads_expression: str | None = None   # the first argument of its __launch_bounds__
 
 
 def _blank_comments(text: str) -> str:
@@ -67,13 +71,27 @@ def _declarations_text(source: str) -> str:
     return _LAUNCH_BOUNDS.sub("", code)
 
 
+def _first_argument(arguments: str) -> str:
+    depth = 0
+    for position, character in enumerate(arguments):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            return arguments[:position].strip()
+    return arguments.strip()
+
+
 def find_kernels(source: str) -> list[KernelDeclaration]:
-    """The __global__ functions written out in the text (not ones a macro generates)."""
+    """The __global__ functions written out in the text (not ones a macro generates), with the
+    maximum block size of their __launch_bounds__ as C text (g++ evaluates it in the glue code)."""
+    code = _PREPROCESSOR_LINE.sub("", _blank_comments(source))
+    bounds = {}
+    for match in _LAUNCH_BOUNDS_OF.finditer(code):
+        bounds.setdefault(match.group(2), _first_argument(match.group(1)))
     kernels = {}
-    for match in _KERNEL.finditer(_declarations_text(source)):
+    for match in _KERNEL.finditer(_LAUNCH_BOUNDS.sub("", code)):
         parameters = [p.strip() for p in match.group(2).split(",") if p.strip() and p.strip() != "void"]
         names = tuple((re.findall(r"[A-Za-z_]\w*", p) or ["?"])[-1] for p in parameters)
-        kernels[match.group(1)] = KernelDeclaration(match.group(1), names)
+        kernels[match.group(1)] = KernelDeclaration(match.group(1), names, bounds.get(match.group(1)))
     return list(kernels.values())
 
 
@@ -106,6 +124,9 @@ def glue_code(source: str, kernels: list[KernelDeclaration]) -> str:
             f'extern "C" GPUMLP_EXPORT constexpr auto gpumlp_signature_{kernel.name} = '
             f"gpumlp_signature_of({kernel.name});",
         ]
+        if kernel.max_threads_expression:
+            lines.append(f'extern "C" GPUMLP_EXPORT constexpr int gpumlp_max_threads_{kernel.name} = '
+                         f"(int)({kernel.max_threads_expression});")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +193,31 @@ def build_runtime() -> Path:
     if not library.exists():
         _compile(["g++", *COMPILE_FLAGS, "-x", "c++", str(SCHEDULER_SOURCE)], library, "the emulator runtime")
     return library
+
+
+def static_shared_bytes(library: Path, kernel_names) -> dict[str, int] | None:
+    """The static __shared__ bytes each kernel may use, from the library's symbol table: its own
+    function-local __shared__ variables (g++ names them _ZZ<length><kernel>E...) plus every one no
+    kernel owns (file scope, helper functions), an upper bound. None where nm cannot read it."""
+    try:
+        listing = subprocess.run(["nm", "-S", "--defined-only", str(library)], capture_output=True, text=True,
+                                 check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    bounds, symbols = {}, []
+    for fields in (line.split() for line in listing.splitlines()):
+        if len(fields) == 3 and fields[2] in ("__start_gpumlp_shared", "__stop_gpumlp_shared"):
+            bounds[fields[2]] = int(fields[0], 16)
+        elif len(fields) == 4 and not fields[3].endswith("gpumlp_shared_anchor"):
+            symbols.append((int(fields[0], 16), int(fields[1], 16), fields[3]))
+    if len(bounds) != 2:
+        return None
+    shared = [(size, name) for address, size, name in symbols
+              if bounds["__start_gpumlp_shared"] <= address < bounds["__stop_gpumlp_shared"]]
+    owners = {kernel: f"_ZZ{len(kernel)}{kernel}E" for kernel in kernel_names}
+    unowned = sum(size for size, name in shared if not any(name.startswith(p) for p in owners.values()))
+    return {kernel: unowned + sum(size for size, name in shared if name.startswith(prefix))
+            for kernel, prefix in owners.items()}
 
 
 def build_module(source: str, name: str, include_dirs, source_dir: Path | None) -> tuple[Path, list, bool]:

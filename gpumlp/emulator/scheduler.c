@@ -4,6 +4,13 @@
 // to arrive performs the exchange and releases the others, so both have their real semantics and
 // the code between them runs at native speed. A barrier that can never complete is a deadlock
 // report, and a signal raised inside a kernel jumps back here and becomes an error report.
+//
+// The checks a launch may ask for (flags of gpumlp_launch): shared memory poisoned with NaN bytes,
+// threads run last to first, blocks run in launch order, reversed or in a seeded random order,
+// subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
+// argument is copied between guard pages for the launch, so an access past either end faults and
+// is reported with the argument and the element index. A cooperative launch (flag COOPERATIVE)
+// keeps every block resident, with this_grid().sync() as a grid-wide barrier.
 #include "cuda_compat.h"
 
 #include <pthread.h>
@@ -12,7 +19,11 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 enum { MAX_THREADS = 1024, STACK_BYTES = 256 * 1024 };
 enum fiber_state { RUNNABLE, AT_BARRIER, AT_WARP_OP, EXITED, AT_GRID_BARRIER };
@@ -60,7 +71,6 @@ static void context_prepare(fiber_context *context, char *stack, size_t size, vo
     context->stack_pointer = top;
 }
 #else
-#include <ucontext.h>
 struct fiber_context { ucontext_t context; };
 
 static void context_switch(fiber_context *from, fiber_context *to) { swapcontext(&from->context, &to->context); }
@@ -122,13 +132,14 @@ static struct {
     size_t message_size;
 } S;
 
-static pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;
 
-// A cooperative launch (gpumlp_launch_cooperative, at the end of this file): every block's fibers
-// live at once. The running block runs until each of its threads waits at the grid barrier or has
-// exited, then the next block runs; when every block waits, all are released.
+// A cooperative launch (the COOPERATIVE flag of gpumlp_launch; run_grid_cooperatively, at the end of
+// this file): every block's fibers live at once. The running block runs until each of its threads
+// waits at the grid barrier or has exited, then the next block runs; when every block waits, all
+// are released.
 static struct {
-    int active;           // the launch in progress is cooperative
+    int requested;        // the launch in progress is cooperative
+    int active;           // its blocks are running (this_grid().sync() is allowed)
     int parked;           // threads of the running block waiting at the grid barrier
 } C;
 
@@ -409,9 +420,10 @@ enum { CRASH_SIGNAL_COUNT = sizeof crash_signals / sizeof crash_signals[0] };
 static struct sigaction previous_actions[CRASH_SIGNAL_COUNT];
 static sigjmp_buf crash_jump;
 static volatile sig_atomic_t crash_armed, crash_signal, passed_on;
+static volatile sig_atomic_t crash_write;  // the faulting access: 1 a write, 0 a read, -1 not known
 static void *volatile crash_address;
 
-static void on_crash(int signal_number, siginfo_t *info, void *) {
+static void on_crash(int signal_number, siginfo_t *info, void *context) {
     if (!crash_armed || !pthread_equal(pthread_self(), S.owner)) {
         // Not a kernel's: give it to whoever handled it before. A fault recurs on return; a signal
         // sent by kill() or raise() must be sent again. Coming back here means that handler chained
@@ -429,6 +441,12 @@ static void on_crash(int signal_number, siginfo_t *info, void *) {
     crash_armed = 0;
     crash_signal = signal_number;
     crash_address = info->si_addr;
+#if defined(__x86_64__) && defined(REG_ERR)
+    crash_write = (((ucontext_t *)context)->uc_mcontext.gregs[REG_ERR] & 2) != 0;  // the page fault's W bit
+#else
+    (void)context;
+    crash_write = -1;
+#endif
     siglongjmp(crash_jump, 1);
 }
 
@@ -459,6 +477,287 @@ static void ensure_alternate_signal_stack(void) {
     sigaltstack(&ours, nullptr);
 }
 
+// ---- memcheck: array arguments between guard pages ---------------------------------------------
+// What Python says about each argument: its size in bytes (NOT_A_BUFFER for a scalar), the size of
+// one element, whether numpy lets it be written, and how a report names it ("'W' (float*)").
+struct gpumlp_argument_extent {
+    unsigned long long bytes, element_size, writeable;
+    const char *description;
+};
+static const unsigned long long NOT_A_BUFFER = ~0ull;
+enum { MAX_ARGUMENTS = 64, LEADING_GUARD_PAGES = 16, TRAILING_GUARD_PAGES = 256, CANARY = 0xA5 };
+
+// A guarded region: [leading guard][data pages][trailing guard], the data ending exactly at the end
+// of the data pages, so the first byte past them faults. The bytes between the start of the data
+// pages and the data (less than a page) hold a canary, checked after each launch: a write just
+// before the array is found there, a read there is not (it reads the canary).
+struct guarded_region {
+    char *mapping;
+    size_t mapped_bytes, data_pages;
+    char *data;
+    size_t bytes;
+};
+
+// Maps `r` for `bytes` (keeping its mapping when the page count matches) and lays down the canary.
+static int map_region(guarded_region *r, size_t bytes) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), pages = (bytes + page - 1) / page;
+    if (!r->mapping || r->data_pages != pages) {
+        if (r->mapping) munmap(r->mapping, r->mapped_bytes);
+        r->mapping = nullptr;
+        size_t total = (LEADING_GUARD_PAGES + pages + TRAILING_GUARD_PAGES) * page;
+        char *mapping = (char *)mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mapping == MAP_FAILED) return 1;
+        if (pages && mprotect(mapping + LEADING_GUARD_PAGES * page, pages * page, PROT_READ | PROT_WRITE)) {
+            munmap(mapping, total);
+            return 1;
+        }
+        r->mapping = mapping;
+        r->mapped_bytes = total;
+        r->data_pages = pages;
+    }
+    char *data_pages = r->mapping + LEADING_GUARD_PAGES * page;
+    r->bytes = bytes;
+    r->data = data_pages + pages * page - bytes;
+    memset(data_pages, CANARY, r->data - data_pages);
+    return 0;
+}
+
+// Arrays that EmulatedDevice allocates live in guarded regions from the start (gpumlp_guarded_*),
+// so memcheck checks them in place instead of copying them; the list is guarded by launch_lock.
+static guarded_region *allocations;
+static int allocation_count, allocation_capacity;
+static pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;
+
+extern "C" GPUMLP_EXPORT void *gpumlp_guarded_allocate(size_t bytes) {
+    pthread_mutex_lock(&launch_lock);
+    void *data = nullptr;
+    if (allocation_count == allocation_capacity) {
+        int capacity = allocation_capacity ? 2 * allocation_capacity : 64;
+        void *grown = realloc(allocations, capacity * sizeof *allocations);
+        if (grown) {
+            allocations = (guarded_region *)grown;
+            allocation_capacity = capacity;
+        }
+    }
+    if (allocation_count < allocation_capacity) {
+        guarded_region region = {};
+        if (!map_region(&region, bytes)) {
+            allocations[allocation_count++] = region;
+            data = region.data;
+        }
+    }
+    pthread_mutex_unlock(&launch_lock);
+    return data;
+}
+
+extern "C" GPUMLP_EXPORT void gpumlp_guarded_free(void *data) {
+    pthread_mutex_lock(&launch_lock);
+    for (int i = 0; i < allocation_count; ++i) {
+        if (allocations[i].data != data) continue;
+        munmap(allocations[i].mapping, allocations[i].mapped_bytes);
+        allocations[i] = allocations[--allocation_count];
+        break;
+    }
+    pthread_mutex_unlock(&launch_lock);
+}
+
+static const guarded_region *allocation_holding(uintptr_t begin, uintptr_t end) {
+    for (int i = 0; i < allocation_count; ++i) {
+        uintptr_t data = (uintptr_t)allocations[i].data;
+        if (begin >= data && end <= data + allocations[i].bytes) return &allocations[i];
+    }
+    return nullptr;
+}
+
+// Whether [begin, begin + bytes) lies in one guarded allocation (which memcheck guards wherever the
+// kernel finds its address).
+extern "C" GPUMLP_EXPORT int gpumlp_guarded_holds(const void *begin, size_t bytes) {
+    pthread_mutex_lock(&launch_lock);
+    int held = allocation_holding((uintptr_t)begin, (uintptr_t)begin + bytes) != nullptr;
+    pthread_mutex_unlock(&launch_lock);
+    return held;
+}
+
+// The arguments whose bytes overlap (one array passed twice, or views of one) form one group: a
+// guarded copy of their union for the launch, or the guarded allocation that holds them.
+struct guarded_copy {
+    guarded_region own;            // the copy's region, kept for the next launch (training relaunches one shape)
+    const guarded_region *region;  // this launch: &own, or the allocation that holds the arguments
+    uintptr_t original;            // this launch: the caller's array (the union of the group)
+    size_t bytes;
+    int argument;                  // the argument that names the group in a report
+    int writeable;                 // all its arguments are writeable arrays: a copy is copied back
+};
+
+static struct {
+    guarded_copy copies[MAX_ARGUMENTS];
+    int copy_count;
+    int copy_of[MAX_ARGUMENTS];   // per argument: its group, -1 for a scalar
+    uintptr_t begin[MAX_ARGUMENTS];
+    const gpumlp_argument_extent *extents;
+    int argument_count;
+    size_t page;
+} M;
+
+static int prepare_group(guarded_copy *g) {
+    g->region = allocation_holding(g->original, g->original + g->bytes);
+    if (g->region) return 0;
+    if (map_region(&g->own, g->bytes)) return 1;
+    memcpy(g->own.data, (const void *)g->original, g->bytes);
+    g->region = &g->own;
+    return 0;
+}
+
+// Where an argument's bytes are during the launch.
+static uintptr_t launch_address(const guarded_copy *g, uintptr_t begin) {
+    return g->region == &g->own ? (uintptr_t)g->own.data + (begin - g->original) : begin;
+}
+
+// Replaces each array argument's slot by its guarded copy; arguments whose bytes overlap (one
+// array passed twice, or views of one) share a copy, so they still alias. 0, or 1 with a message.
+static int memcheck_prepare(unsigned long long *slots, const gpumlp_argument_extent *extents, int count) {
+    M.page = (size_t)sysconf(_SC_PAGESIZE);
+    M.extents = extents;
+    M.argument_count = count;
+    M.copy_count = 0;
+    int order[MAX_ARGUMENTS], buffers = 0;
+    for (int i = 0; i < count; ++i) {
+        M.copy_of[i] = -1;
+        if (extents[i].bytes == NOT_A_BUFFER) continue;
+        M.begin[i] = (uintptr_t)slots[i];
+        int at = buffers++;  // insertion sort by start address
+        while (at > 0 && M.begin[order[at - 1]] > M.begin[i]) {
+            order[at] = order[at - 1];
+            --at;
+        }
+        order[at] = i;
+    }
+    for (int k = 0; k < buffers; ++k) {
+        int i = order[k];
+        uintptr_t begin = M.begin[i], end = begin + extents[i].bytes;
+        guarded_copy *last = M.copy_count ? &M.copies[M.copy_count - 1] : nullptr;
+        if (last && (begin < last->original + last->bytes || begin == last->original)) {
+            if (end > last->original + last->bytes) last->bytes = end - last->original;
+            last->writeable &= extents[i].writeable != 0;
+        } else {
+            last = &M.copies[M.copy_count++];
+            last->original = begin;
+            last->bytes = end - begin;
+            last->argument = i;
+            last->writeable = extents[i].writeable != 0;
+        }
+        M.copy_of[i] = (int)(last - M.copies);
+    }
+    for (int c = 0; c < M.copy_count; ++c) {
+        if (prepare_group(&M.copies[c])) {
+            snprintf(S.message, S.message_size, "memcheck could not map a guarded copy of %zu bytes",
+                     M.copies[c].bytes);
+            M.copy_count = c;
+            return 1;
+        }
+    }
+    for (int i = 0; i < count; ++i)
+        if (M.copy_of[i] >= 0) slots[i] = launch_address(&M.copies[M.copy_of[i]], M.begin[i]);
+    return 0;
+}
+
+static long long floor_divide(long long a, long long b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+
+static void append_out_of_bounds(const char *access, int argument, long long offset) {
+    const gpumlp_argument_extent *extent = &M.extents[argument];
+    long long element = (long long)(extent->element_size ? extent->element_size : 1);
+    append("out-of-bounds %s of argument %s at index %lld: it has %llu elements (memcheck)", access,
+           extent->description, floor_divide(offset, element), extent->bytes / element);
+}
+
+// A fault in a guard page: names the argument and the index. 1 when it was one.
+static int append_memcheck_fault(uintptr_t address) {
+    for (int c = 0; c < M.copy_count; ++c) {
+        const guarded_copy *g = &M.copies[c];
+        const guarded_region *r = g->region;
+        uintptr_t data_pages = (uintptr_t)r->mapping + LEADING_GUARD_PAGES * M.page;
+        uintptr_t data_end = data_pages + r->data_pages * M.page;
+        if (address < (uintptr_t)r->mapping || address >= (uintptr_t)r->mapping + r->mapped_bytes ||
+            (address >= data_pages && address < data_end))
+            continue;
+        // past the end: the argument of the group that ends last; before the start: the first one
+        int named = g->argument;
+        if (address >= data_end)
+            for (int i = 0; i < M.argument_count; ++i)
+                if (M.copy_of[i] == c && M.begin[i] + M.extents[i].bytes > M.begin[named] + M.extents[named].bytes)
+                    named = i;
+        append_out_of_bounds(crash_write == 1 ? "write" : crash_write == 0 ? "read" : "access", named,
+                             (long long)(address - launch_address(g, M.begin[named])));
+        return 1;
+    }
+    // An array the kernel reached through an address it was given (the persistent kernel's table
+    // of layers), not as an argument: memcheck knows it only by its bytes.
+    for (int i = 0; i < allocation_count; ++i) {
+        const guarded_region *r = &allocations[i];
+        uintptr_t data_pages = (uintptr_t)r->mapping + LEADING_GUARD_PAGES * M.page;
+        if (address < (uintptr_t)r->mapping || address >= (uintptr_t)r->mapping + r->mapped_bytes ||
+            (address >= data_pages && address < data_pages + r->data_pages * M.page))
+            continue;
+        append("out-of-bounds %s at byte offset %lld of a guarded array of %zu bytes that is not an argument "
+               "(reached through an address) (memcheck)", crash_write == 1 ? "write" : crash_write == 0 ? "read" : "access",
+               (long long)(address - (uintptr_t)r->data), r->bytes);
+        return 1;
+    }
+    return 0;
+}
+
+// The canaries before every guarded allocation that no argument of the launch holds: a cooperative
+// launch may reach such arrays through addresses. 1 with a report when one was overwritten.
+static int check_unargued_canaries(void) {
+    for (int i = 0; i < allocation_count; ++i) {
+        guarded_region *r = &allocations[i];
+        int argument_region = 0;
+        for (int c = 0; c < M.copy_count; ++c) argument_region |= M.copies[c].region == r;
+        if (argument_region) continue;
+        char *data_pages = r->mapping + LEADING_GUARD_PAGES * M.page;
+        for (char *byte = data_pages; byte < r->data; ++byte) {
+            if ((unsigned char)*byte == CANARY) continue;
+            snprintf(S.message, S.message_size, "out-of-bounds write at byte offset %lld of a guarded array of %zu "
+                     "bytes that is not an argument (reached through an address) (memcheck; found after the launch, "
+                     "which thread wrote it is not known)", (long long)(byte - r->data), r->bytes);
+            memset(data_pages, CANARY, r->data - data_pages);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// Copies every guarded copy of a writeable array back to the caller's, and checks the canaries and
+// that read-only arrays are unchanged (only when `check`: a launch that failed already has its
+// report). 1 when it found a bad write.
+static int memcheck_finish(int check) {
+    int found = 0;
+    for (int c = 0; c < M.copy_count; ++c) {
+        guarded_copy *g = &M.copies[c];
+        const guarded_region *r = g->region;
+        if (r == &g->own && g->writeable) {
+            memcpy((void *)g->original, r->data, g->bytes);
+        } else if (r == &g->own && check && !found && memcmp((const void *)g->original, r->data, g->bytes)) {
+            snprintf(S.message, S.message_size, "wrote to argument %s, a read-only numpy array (memcheck)",
+                     M.extents[g->argument].description);
+            found = 1;
+        }
+        char *data_pages = r->mapping + LEADING_GUARD_PAGES * M.page;
+        for (char *byte = data_pages; check && !found && byte < r->data; ++byte) {
+            if ((unsigned char)*byte == CANARY) continue;
+            S.message[0] = 0;
+            append_out_of_bounds("write", g->argument,
+                                 (long long)((uintptr_t)byte - launch_address(g, M.begin[g->argument])));
+            append(" (found after the launch; which thread wrote it is not known)");
+            found = 1;
+        }
+        if (r != &g->own) memset(data_pages, CANARY, r->data - data_pages);  // an allocation's, for its next launch
+    }
+    if (C.requested && check && !found) found = check_unargued_canaries();
+    M.copy_count = 0;
+    return found;
+}
+
 static void report_crash(void) {
     const char *what = crash_signal == SIGSEGV ? "SIGSEGV (invalid memory access)"
                      : crash_signal == SIGBUS  ? "SIGBUS (misaligned or unmapped memory access)"
@@ -466,8 +765,13 @@ static void report_crash(void) {
                      : crash_signal == SIGILL  ? "SIGILL (__trap or illegal instruction)"
                                                : "SIGABRT (assert failed or abort called)";
     const fiber *f = &S.fibers[S.current];
-    snprintf(S.message, S.message_size, "crashed with %s at address %p in block (%u,%u,%u), thread (%u,%u,%u)", what,
-             crash_address, blockIdx.x, blockIdx.y, blockIdx.z, f->index.x, f->index.y, f->index.z);
+    S.message[0] = 0;
+    if (crash_signal == SIGSEGV && append_memcheck_fault((uintptr_t)crash_address))
+        append(" in block (%u,%u,%u), thread (%u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z, f->index.x, f->index.y,
+               f->index.z);
+    else
+        snprintf(S.message, S.message_size, "crashed with %s at address %p in block (%u,%u,%u), thread (%u,%u,%u)",
+                 what, crash_address, blockIdx.x, blockIdx.y, blockIdx.z, f->index.x, f->index.y, f->index.z);
     uintptr_t offset = (uintptr_t)crash_address - (uintptr_t)S.stacks;
     if (crash_signal == SIGSEGV && offset < MAX_THREADS * S.stack_stride &&
         offset % S.stack_stride < S.stack_stride - STACK_BYTES)
@@ -491,41 +795,104 @@ static int allocate_stacks(void) {
     return 0;
 }
 
-static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
-                                  size_t shared_bytes, int poison_shared);
+// ---- block order and floating-point mode ---------------------------------------------------------
+enum block_order { LAUNCH_ORDER, REVERSED_ORDER, RANDOM_ORDER };
+
+// A bijection of [0, 2^bits) keyed by the seed (xor, multiplication by an odd number and xorshift
+// are each invertible modulo 2^bits); walking 0, 1, ... and skipping values >= the block count
+// visits every block once in a shuffled order without storing a permutation.
+static unsigned long long shuffle_bits(unsigned long long x, unsigned long long seed, int bits) {
+    unsigned long long mask = bits >= 64 ? ~0ull : (1ull << bits) - 1;
+    for (int round = 0; round < 4; ++round) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        x = ((x ^ (seed >> 20)) * ((seed >> 7) | 1)) & mask;
+        x ^= x >> (bits / 2 + 1);
+    }
+    return x;
+}
+
+static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+                                   size_t shared_bytes, int poison_shared, int order, unsigned long long seed);
 
 static void run_grid(const unsigned int grid[3], const gpumlp_module_memory *memory, size_t shared_bytes,
-                     int poison_shared) {
-    if (run_grid_cooperatively(grid, memory, shared_bytes, poison_shared)) return;
-    for (unsigned int z = 0; z < grid[2]; ++z)
-        for (unsigned int y = 0; y < grid[1]; ++y)
-            for (unsigned int x = 0; x < grid[0]; ++x) {
-                blockIdx = uint3{x, y, z};
-                if (poison_shared) {
-                    // 0xFF bytes are a NaN in every float and double: reading before writing shows.
-                    memset(memory->static_begin, 0xff, memory->static_end - memory->static_begin);
-                    memset(memory->dynamic, 0xff, shared_bytes);
-                }
-                if (run_block()) return;
-            }
+                     int poison_shared, int order, unsigned long long seed) {
+    if (C.requested) {
+        run_grid_cooperatively(grid, memory, shared_bytes, poison_shared, order, seed);
+        return;
+    }
+    unsigned long long columns = grid[0], plane = columns * grid[1], blocks = plane * grid[2];
+    int bits = 1;
+    while (bits < 64 && (1ull << bits) < blocks) ++bits;
+    unsigned long long steps = order == RANDOM_ORDER ? (bits >= 64 ? ~0ull : 1ull << bits) : blocks;
+    for (unsigned long long step = 0; step < steps; ++step) {
+        unsigned long long block = order == LAUNCH_ORDER ? step
+                                 : order == REVERSED_ORDER ? blocks - 1 - step
+                                                           : shuffle_bits(step, seed, bits);
+        if (block >= blocks) continue;
+        blockIdx = uint3{(unsigned int)(block % columns), (unsigned int)(block % plane / columns),
+                         (unsigned int)(block / plane)};
+        if (poison_shared) {
+            // 0xFF bytes are a NaN in every float and double: reading before writing shows.
+            memset(memory->static_begin, 0xff, memory->static_end - memory->static_begin);
+            memset(memory->dynamic, 0xff, shared_bytes);
+        }
+        if (run_block()) return;
+    }
+}
+
+// CuPy compiles every kernel with -ftz=true: float results and operands that are subnormal count
+// as zero. The same bits of the CPU's control register (x86-64 MXCSR FTZ and DAZ; AArch64 FPCR.FZ)
+// are set for the launch only, so numpy outside the kernel keeps IEEE subnormals. They cover double
+// too, which the GPU keeps IEEE: no kernel of the project computes subnormal doubles.
+static unsigned long long enter_flush_to_zero(void) {
+#if defined(__x86_64__)
+    unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u);
+    return saved;
+#elif defined(__aarch64__)
+    unsigned long long saved;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
+    __asm__ volatile("msr fpcr, %0" : : "r"(saved | (1ull << 24)));
+    return saved;
+#else
+#error "the emulator's flush-to-zero mode knows x86-64 and AArch64 only"
+#endif
+}
+
+static void leave_flush_to_zero(unsigned long long saved) {
+#if defined(__x86_64__)
+    _mm_setcsr((unsigned int)saved);
+#elif defined(__aarch64__)
+    __asm__ volatile("msr fpcr, %0" : : "r"(saved));
+#endif
 }
 
 // Returns 0, or 1 with the reason in `message`. `dimensions` is the grid then the block (x, y, z);
-// `slots` holds one 8-byte slot per kernel argument: an array's data pointer or a scalar's bytes.
-extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned int dimensions[6], size_t shared_bytes, const gpumlp_module_memory *memory, int flags,
-                                           unsigned long long *slots, int argument_count, char *message,
-                                           size_t message_size) {
-    enum { POISON_SHARED = 1, REVERSE_THREADS = 2 };
+// `slots` holds one 8-byte slot per kernel argument: an array's data pointer or a scalar's bytes;
+// `extents` (only with MEMCHECK) says which slots are arrays and how large.
+extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned int dimensions[6], size_t shared_bytes,
+                                           const gpumlp_module_memory *memory, int flags, int block_order,
+                                           unsigned long long seed, const unsigned long long *slots,
+                                           int argument_count, const gpumlp_argument_extent *extents,
+                                           char *message, size_t message_size) {
+    enum { POISON_SHARED = 1, REVERSE_THREADS = 2, FLUSH_TO_ZERO = 4, MEMCHECK = 8, COOPERATIVE = 16 };
     const unsigned int *grid = dimensions, *block = dimensions + 3;
     pthread_mutex_lock(&launch_lock);
     S.message = message;
     S.message_size = message_size;
     message[0] = 0;
     S.failed = 0;
+    C.requested = (flags & COOPERATIVE) != 0;
+    C.active = C.parked = 0;
     unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
     if (threads == 0 || threads > MAX_THREADS || grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
         snprintf(message, message_size, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u); a block has 1 to %d threads",
                  grid[0], grid[1], grid[2], block[0], block[1], block[2], MAX_THREADS);
+        pthread_mutex_unlock(&launch_lock);
+        return 1;
+    }
+    if (argument_count > MAX_ARGUMENTS) {
+        snprintf(message, message_size, "invalid launch: the emulator passes at most %d arguments", MAX_ARGUMENTS);
         pthread_mutex_unlock(&launch_lock);
         return 1;
     }
@@ -536,8 +903,18 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
         pthread_mutex_unlock(&launch_lock);
         return 1;
     }
-    void *arguments[argument_count > 0 ? argument_count : 1];
-    for (int i = 0; i < argument_count; ++i) arguments[i] = &slots[i];
+    unsigned long long own_slots[MAX_ARGUMENTS];
+    void *arguments[MAX_ARGUMENTS];
+    for (int i = 0; i < argument_count; ++i) {
+        own_slots[i] = slots[i];
+        arguments[i] = &own_slots[i];
+    }
+    const int memcheck = (flags & MEMCHECK) != 0;
+    if (memcheck && memcheck_prepare(own_slots, extents, argument_count)) {
+        memcheck_finish(0);
+        pthread_mutex_unlock(&launch_lock);
+        return 1;
+    }
     S.owner = pthread_self();
     S.entry = entry;
     S.arguments = arguments;
@@ -547,15 +924,21 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     gridDim = dim3(grid[0], grid[1], grid[2]);
     ensure_alternate_signal_stack();
     ensure_crash_handlers();
+    const int flush_to_zero = (flags & FLUSH_TO_ZERO) != 0;
+    const unsigned long long floating_state = flush_to_zero ? enter_flush_to_zero() : 0;
     if (sigsetjmp(crash_jump, 0)) {
+        if (flush_to_zero) leave_flush_to_zero(floating_state);
         report_crash();
+        if (memcheck) memcheck_finish(0);
         pthread_mutex_unlock(&launch_lock);
         return 1;
     }
     crash_armed = 1;
-    run_grid(grid, memory, shared_bytes, flags & POISON_SHARED);
+    run_grid(grid, memory, shared_bytes, flags & POISON_SHARED, block_order, seed);
     crash_armed = 0;
+    if (flush_to_zero) leave_flush_to_zero(floating_state);
     int failed = S.failed || message[0] != 0;
+    if (memcheck) failed |= memcheck_finish(!failed);
     pthread_mutex_unlock(&launch_lock);
     return failed;
 }
@@ -565,17 +948,12 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
 // at the barrier (or exited): a schedule a GPU may also choose, so a kernel that reads what another
 // block writes without a grid barrier in between reads stale or poisoned memory here. The block
 // order of each such phase is the launch order, reversed, or a seeded shuffle drawn anew for every
-// phase. Each block keeps its own fibers, stacks and a saved copy of its shared memory, which is
-// swapped in while it runs. Only the x86-64 context switch is used: a copied ucontext_t keeps a
-// pointer into its old location.
-enum { COOPERATIVE_LAUNCH_ORDER, COOPERATIVE_REVERSED, COOPERATIVE_SHUFFLED };
+// phase (RANDOM_ORDER). Each block keeps its own fibers, stacks and a saved copy of its shared
+// memory, which is swapped in while it runs. Only the x86-64 context switch is used: a copied
+// ucontext_t keeps a pointer into its old location. memcheck, flush-to-zero and the crash report
+// are gpumlp_launch's, around the whole grid.
 // Each stack's guard page is a mapping of its own: Linux allows ~65k mappings per process.
 enum { MAX_COOPERATIVE_THREADS = 16 * 1024 };
-
-static thread_local struct {
-    int requested, order;
-    unsigned long long seed;
-} cooperative_request;
 
 static struct {
     char *stacks;               // MAX_COOPERATIVE_THREADS stacks with guard pages, mapped once
@@ -631,10 +1009,9 @@ static unsigned long long splitmix64(unsigned long long *state) {
     return z ^ (z >> 31);
 }
 
-static void phase_order(int blocks, unsigned long long *random_state) {
-    for (int i = 0; i < blocks; ++i)
-        CS.order[i] = cooperative_request.order == COOPERATIVE_REVERSED ? blocks - 1 - i : i;
-    if (cooperative_request.order == COOPERATIVE_SHUFFLED)
+static void phase_order(int blocks, int order, unsigned long long *random_state) {
+    for (int i = 0; i < blocks; ++i) CS.order[i] = order == REVERSED_ORDER ? blocks - 1 - i : i;
+    if (order == RANDOM_ORDER)
         for (int i = blocks - 1; i > 0; --i) {
             int j = (int)(splitmix64(random_state) % (unsigned long long)(i + 1)), swap = CS.order[i];
             CS.order[i] = CS.order[j];
@@ -689,11 +1066,9 @@ static int release_grid_barrier(int blocks, int threads) {
     return 1;
 }
 
-// Runs the grid when the launch is cooperative and returns 1; returns 0 for an ordinary launch.
-static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
-                                  size_t shared_bytes, int poison_shared) {
-    C.active = C.parked = 0;
-    if (!cooperative_request.requested) return 0;
+// Runs the grid of a cooperative launch; a failure is left in S.failed and S.message.
+static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+                                   size_t shared_bytes, int poison_shared, int order, unsigned long long seed) {
     const int threads = S.thread_count;
     const unsigned long long block_count = (unsigned long long)grid[0] * grid[1] * grid[2];
     const size_t static_bytes = (size_t)(memory->static_end - memory->static_begin);
@@ -701,19 +1076,19 @@ static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modul
 #if !defined(__x86_64__) || defined(GPUMLP_FORCE_UCONTEXT)
     snprintf(S.message, S.message_size, "cooperative launches need the emulator's x86-64 context switch");
     S.failed = 1;
-    return 1;
+    return;
 #endif
     if (block_count * threads > MAX_COOPERATIVE_THREADS) {
         snprintf(S.message, S.message_size, "cooperative launch of %llu blocks of %d threads: the emulator runs "
                  "at most %d threads of a cooperative launch at once", block_count, threads, MAX_COOPERATIVE_THREADS);
         S.failed = 1;
-        return 1;
+        return;
     }
     const int blocks = (int)block_count;
     if (allocate_cooperative(blocks, threads, shared_total)) {
         snprintf(S.message, S.message_size, "could not allocate the fibers of a cooperative launch");
         S.failed = 1;
-        return 1;
+        return;
     }
     const size_t stride = STACK_BYTES + (size_t)sysconf(_SC_PAGESIZE);
     for (int b = 0; b < blocks; ++b) {
@@ -729,9 +1104,9 @@ static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modul
         memset(CS.shared + (size_t)b * shared_total, poison_shared ? 0xff : 0, shared_total);
     }
     C.active = 1;
-    unsigned long long random_state = cooperative_request.seed;
+    unsigned long long random_state = seed;
     do {
-        phase_order(blocks, &random_state);
+        phase_order(blocks, order, &random_state);
         for (int i = 0; i < blocks; ++i) {
             const int b = CS.order[i];
             if (CS.exited[b] == threads) continue;
@@ -746,7 +1121,7 @@ static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modul
             S.resume_position = -1;
             memset(S.warp_arrived, 0, sizeof S.warp_arrived);
             run_fiber(&S.scheduler, next_runnable());
-            if (S.failed || S.deadlocked) return 1;
+            if (S.failed || S.deadlocked) return;
             memcpy(saved, S.fibers, threads * sizeof(fiber));
             memcpy(saved_shared, memory->static_begin, static_bytes);
             memcpy(saved_shared + static_bytes, memory->dynamic, shared_bytes);
@@ -754,21 +1129,4 @@ static int run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modul
         }
     } while (release_grid_barrier(blocks, threads));
     C.active = C.parked = 0;
-    return 1;
-}
-
-// gpumlp_launch with every block resident at once and this_grid().sync() as a grid-wide barrier.
-// `order`: 0 launch order, 1 reversed, 2 shuffled anew each phase from `seed`.
-extern "C" GPUMLP_EXPORT int gpumlp_launch_cooperative(kernel_entry entry, const unsigned int dimensions[6],
-                                                       size_t shared_bytes, const gpumlp_module_memory *memory,
-                                                       int flags, int order, unsigned long long seed,
-                                                       unsigned long long *slots, int argument_count,
-                                                       char *message, size_t message_size) {
-    cooperative_request.requested = 1;
-    cooperative_request.order = order;
-    cooperative_request.seed = seed;
-    int failed = gpumlp_launch(entry, dimensions, shared_bytes, memory, flags, slots, argument_count, message,
-                               message_size);
-    cooperative_request.requested = 0;
-    return failed;
 }

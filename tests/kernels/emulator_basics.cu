@@ -155,3 +155,18 @@ extern "C" __global__ void write_through_null(float* out, int poke_null) {
     float* volatile target = poke_null ? nullptr : out;
     target[threadIdx.x] = 1.0f;
 }
+
+// The order in which blocks run: tickets[linear block index] = how many blocks ran before it.
+extern "C" __global__ void block_tickets(unsigned int* __restrict__ counter, unsigned int* __restrict__ tickets) {
+    if (threadIdx.x != 0) return;
+    unsigned int block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    tickets[block] = atomicAdd(counter, 1u);
+}
+
+// The same array as two arguments: under memcheck both must still be one memory.
+extern "C" __global__ void add_through_alias(const float* __restrict__ source, float* target, float* alias, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    target[i] = source[i];
+    alias[i] += 1.0f;
+}

@@ -46,3 +46,25 @@ extern "C" __global__ void block_and_grid_barrier_mixed(int* out)
         cg::this_grid().sync();
     out[blockIdx.x] = 1;
 }
+
+// table (1,) holds the address of a float array that is not an argument; out (gridDim.x,): block b
+// writes element `index` + b of that array after a grid barrier, then copies it to out[b]. With an
+// index outside the array, memcheck must report the access it cannot see among the arguments.
+extern "C" __global__ void write_through_table(const unsigned long long* table, int index, float* out)
+{
+    float* values = (float*)table[0];
+    cg::this_grid().sync();
+    if (threadIdx.x == 0) {
+        values[index + (int)blockIdx.x] = 2.0f;
+        out[blockIdx.x] = values[index + (int)blockIdx.x];
+    }
+}
+
+// in, out (gridDim.x,): block b halves in[b] after a grid barrier; a subnormal result is zero under
+// -ftz=true, as CuPy compiles.
+extern "C" __global__ void halve_after_grid_sync(const float* in, float* out)
+{
+    cg::this_grid().sync();
+    if (threadIdx.x == 0)
+        out[blockIdx.x] = in[blockIdx.x] * 0.5f;
+}
