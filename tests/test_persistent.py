@@ -211,3 +211,27 @@ def test_cuda_persistent_engine_ends_with_the_graph_engines_weights(data100, tmp
         assert cli.main(["--device", "cuda", *ODD_NET, "--epochs", "2", "--engine", engine, "--out", str(out)]) == 0
         runs.append(weights_sha(RunDir(out)))
     assert runs[0] == runs[1]
+
+
+def test_net_1_keeps_its_weights_in_more_than_48_kib_of_shared_memory_with_the_opt_in(data100):
+    """Net 1's 49 blocks each hold 125 KiB of weights: beyond the 48 KiB a launch may have without
+    the opt-in, which the device sets (as on a GPU); the emulator refuses the launch without it.
+    Four images give the graph engine's bits."""
+    from gpumlp import nets
+    from gpumlp.config import TrainConfig
+    from gpumlp.device import EmulatedDevice
+    from gpumlp.emulator import EmulatorError
+    from gpumlp.train_gpu import DeviceTrainer
+    from gpumlp.train_persistent import PERSISTENT_THREADS, PersistentTrainer
+    from gpumlp.training import make_split
+    config = TrainConfig(net=1, train_images=4, test_images=2, device="emulate")
+    split = make_split(data100, config)
+    quiet = lambda line: None  # noqa: E731
+    graph = DeviceTrainer(EmulatedDevice(), nets.init_params(config.sizes, 0), split, config, quiet)
+    persistent = PersistentTrainer(EmulatedDevice(), nets.init_params(config.sizes, 0), split, config, quiet)
+    assert persistent.plan.weights_in_shared and persistent.plan.shared_bytes > 48 * 1024
+    assert persistent.kernel.max_dynamic_shared_size_bytes >= persistent.plan.shared_bytes
+    assert first_difference(*train_both(graph, persistent)) is None
+    persistent.kernel.max_dynamic_shared_size_bytes = 0
+    with pytest.raises(EmulatorError, match=rf"invalid launch: {persistent.plan.shared_bytes} bytes of dynamic shared"):
+        persistent.kernel.launch_cooperative(persistent.plan.blocks, PERSISTENT_THREADS, (), persistent.plan.shared_bytes)
