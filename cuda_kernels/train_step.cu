@@ -1,11 +1,12 @@
-// Kernels that frame a training step, shared by the online (B = 1) and minibatch paths and by
-// evaluation: the softmax/cross-entropy head, the gather of the next samples of the epoch, and
-// the step's bookkeeping. Reference: gpumlp/reference.py (softmax_xent_ref, gather_batch_ref,
-// finish_step_ref).
+// The kernel that closes the forward half of a training step, shared by the online (B = 1) and
+// minibatch paths: the softmax/cross-entropy head with the step's bookkeeping. Reference:
+// gpumlp/reference.py (softmax_xent_ref, and finish_step_ref for the totals).
 //
-// The position in the epoch lives in a device int, `cursor`: gather_batch reads it and
-// finish_step (launched last in every step) advances it, so a CUDA graph captured once for K
-// steps replays unchanged for every chunk of K steps of the epoch. No atomics: bit-repeatable.
+// The position in the epoch lives in a device int, `cursor`: the first layer's forward kernel
+// (layer_forward_mv_gather or layer_forward_gemm_gather, which gather their samples themselves)
+// reads it and softmax_xent advances it; nothing after softmax_xent in a step reads it, so a CUDA
+// graph captured once for K steps replays unchanged for every chunk of K steps of the epoch. No
+// atomics: bit-repeatable.
 
 #define FULL_MASK 0xffffffffu
 
@@ -21,117 +22,82 @@ __device__ __forceinline__ bool takes_over(float other_value, int other_index, f
     return other_value > value || (other_value == value && other_index < index);
 }
 
-// softmax_xent: per row of logits, softmax, cross-entropy loss, output delta and the argmax.
+// softmax_xent: per row of logits, softmax, cross-entropy loss, output delta and the argmax; then
+// the step's bookkeeping (what a separate one-thread finish_step kernel did before: fused, the
+// step saves a launch).
 //   logits (B, C), labels (B,) in [0, C); outputs delta (B, C) = softmax - onehot(label),
 //   loss (B,) = -log p[label] = log(sum exp(l - max)) - (l[label] - max), prediction (B,) the
 //   first argmax, wrong (B,) = prediction != label. A label outside [0, C) gives loss NaN and
-//   wrong 1 rather than an out-of-bounds read.
-// One warp per row (blockDim.x a multiple of 32, grid ceil(B / warps per block)); lane l handles
-// classes l, l + 32, ... so any C works. The warp's max/argmax and sum use xor butterflies (fixed
-// pairing, so the result is repeatable and identical in every lane).
+//   wrong 1 rather than an out-of-bounds read. Then loss_total (1,) double += loss[0], loss[1],
+//   ... added one by one in that order, wrong_total (1,) int += sum of wrong, cursor (1,) int += B.
+// ONE block (grid 1: the in-order totals need every row of the step, and blocks cannot wait for
+// each other); its warps take rows warp, warp + warps, ...; lane l handles classes l, l + 32, ...
+// so any C works. The warp's max/argmax and sum use xor butterflies (fixed pairing, so the result
+// is repeatable and identical in every lane). After a barrier (which makes every row's loss and
+// wrong visible to the block), thread 0 adds them up in row order.
 extern "C" __global__ void softmax_xent(const float* __restrict__ logits,
                                         const int* __restrict__ labels,
                                         float* __restrict__ delta,
                                         float* __restrict__ loss,
                                         int* __restrict__ wrong,
                                         int* __restrict__ prediction,
+                                        double* __restrict__ loss_total,
+                                        int* __restrict__ wrong_total,
+                                        int* __restrict__ cursor,
                                         int n_rows, int n_classes)
 {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n_rows)
-        return;   // warp-uniform
-    const float* l = logits + (size_t)row * n_classes;
+    const int warps = blockDim.x >> 5;
+    for (int row = threadIdx.x >> 5; row < n_rows; row += warps) {   // warp-uniform
+        const float* l = logits + (size_t)row * n_classes;
 
-    float best = 0.0f;
-    int best_index = n_classes;
-    for (int c = lane; c < n_classes; c += 32)
-        if (takes_over(l[c], c, best, best_index, n_classes)) {
-            best = l[c];
-            best_index = c;
-        }
+        float best = 0.0f;
+        int best_index = n_classes;
+        for (int c = lane; c < n_classes; c += 32)
+            if (takes_over(l[c], c, best, best_index, n_classes)) {
+                best = l[c];
+                best_index = c;
+            }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float other = __shfl_xor_sync(FULL_MASK, best, offset);
-        const int other_index = __shfl_xor_sync(FULL_MASK, best_index, offset);
-        if (takes_over(other, other_index, best, best_index, n_classes)) {
-            best = other;
-            best_index = other_index;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float other = __shfl_xor_sync(FULL_MASK, best, offset);
+            const int other_index = __shfl_xor_sync(FULL_MASK, best_index, offset);
+            if (takes_over(other, other_index, best, best_index, n_classes)) {
+                best = other;
+                best_index = other_index;
+            }
+        }
+
+        float total = 0.0f;
+        for (int c = lane; c < n_classes; c += 32)
+            total = __fadd_rn(total, expf(__fsub_rn(l[c], best)));
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+            total = __fadd_rn(total, __shfl_xor_sync(FULL_MASK, total, offset));
+
+        const int label = labels[row];
+        const bool label_ok = label >= 0 && label < n_classes;
+        float* d = delta + (size_t)row * n_classes;
+        for (int c = lane; c < n_classes; c += 32) {
+            const float p = __fdiv_rn(expf(__fsub_rn(l[c], best)), total);
+            d[c] = c == label ? __fsub_rn(p, 1.0f) : p;
+        }
+        if (lane == 0) {
+            loss[row] = label_ok ? __fsub_rn(logf(total), __fsub_rn(l[label], best)) : __int_as_float(0x7fc00000);
+            prediction[row] = best_index;
+            wrong[row] = best_index != label;
         }
     }
-
-    float total = 0.0f;
-    for (int c = lane; c < n_classes; c += 32)
-        total = __fadd_rn(total, expf(__fsub_rn(l[c], best)));
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-        total = __fadd_rn(total, __shfl_xor_sync(FULL_MASK, total, offset));
-
-    const int label = labels[row];
-    const bool label_ok = label >= 0 && label < n_classes;
-    float* d = delta + (size_t)row * n_classes;
-    for (int c = lane; c < n_classes; c += 32) {
-        const float p = __fdiv_rn(expf(__fsub_rn(l[c], best)), total);
-        d[c] = c == label ? __fsub_rn(p, 1.0f) : p;
+    __syncthreads();   // every row's loss and wrong are written
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        double sum = loss_total[0];
+        int errors = wrong_total[0];
+        for (int r = 0; r < n_rows; ++r) {
+            sum += (double)loss[r];
+            errors += wrong[r];
+        }
+        loss_total[0] = sum;
+        wrong_total[0] = errors;
+        cursor[0] += n_rows;
     }
-    if (lane == 0) {
-        loss[row] = label_ok ? __fsub_rn(logf(total), __fsub_rn(l[label], best)) : __int_as_float(0x7fc00000);
-        prediction[row] = best_index;
-        wrong[row] = best_index != label;
-    }
-}
-
-// gather_batch: X[r] = images[order[*cursor + r]], labels_out[r] = labels[order[*cursor + r]]
-// for r < B.
-//   images (n_samples, n_features), labels (n_samples,), order (n_samples,) this epoch's
-//   permutation, cursor (1,) the position in the epoch, X (B, n_features), labels_out (B,).
-// One block per row r (grid-stride over r, so any grid works); its threads copy the image with
-// consecutive threads on consecutive floats. Rows past the end of the epoch are left untouched
-// (the trainer sizes its last step so that never happens).
-extern "C" __global__ void gather_batch(const float* __restrict__ images,
-                                        const int* __restrict__ labels,
-                                        const int* __restrict__ order,
-                                        const int* __restrict__ cursor,
-                                        float* __restrict__ X,
-                                        int* __restrict__ labels_out,
-                                        int batch, int n_features, int n_samples)
-{
-    const int start = cursor[0];
-    for (int r = blockIdx.x; r < batch; r += gridDim.x) {
-        const int position = start + r;
-        if (position < 0 || position >= n_samples)
-            continue;   // same for the whole block
-        const int sample = order[position];
-        const float* src = images + (size_t)sample * n_features;
-        float* dst = X + (size_t)r * n_features;
-        for (int p = threadIdx.x; p < n_features; p += blockDim.x)
-            dst[p] = src[p];
-        if (threadIdx.x == 0)
-            labels_out[r] = labels[sample];
-    }
-}
-
-// finish_step: loss_total += sum of loss[0 .. B-1] (in order, in double), wrong_total += sum of
-// wrong[0 .. B-1], cursor += B. One thread (launch grid 1, block 1): B is small and the fixed
-// sequential order is what makes the epoch totals repeatable. Launched last in every step, after
-// every kernel that reads the cursor.
-//   loss (B,) float, wrong (B,) int, loss_total (1,) double, wrong_total (1,) int, cursor (1,) int.
-extern "C" __global__ void finish_step(const float* __restrict__ loss,
-                                       const int* __restrict__ wrong,
-                                       double* __restrict__ loss_total,
-                                       int* __restrict__ wrong_total,
-                                       int* __restrict__ cursor,
-                                       int batch)
-{
-    if (threadIdx.x != 0 || blockIdx.x != 0)
-        return;
-    double total = loss_total[0];
-    int errors = wrong_total[0];
-    for (int r = 0; r < batch; ++r) {
-        total += (double)loss[r];
-        errors += wrong[r];
-    }
-    loss_total[0] = total;
-    wrong_total[0] = errors;
-    cursor[0] += batch;
 }

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
     run.add_argument("--engine", choices=("auto", "graph", "persistent"), default="auto",
-                     help="online training on a device: graph replays ~20 launches per image from CUDA "
+                     help="online training on a device: graph replays ~18 launches per image (net 4) from CUDA "
                           "graphs; persistent trains many images per cooperative launch, each block's "
                           "weights on chip where they fit; auto takes persistent where the device and the net "
                           "allow it (both give the same weights, bit for bit); on --resume, the run's engine "

@@ -54,10 +54,19 @@ def uses_momentum(p) -> bool:
 @cost_model("layer_forward_mv")
 def _layer_forward_mv(p) -> Cost:
     n_out, n_in = int(p["n_out"]), int(p["n_in"])
-    # read W, b, x; write y. Bias add, then tanh and two scalings when activated.
+    # read W, b, x; write y. Bias add, then tanh and two scalings when activated. The warps that
+    # share a row (warps_per_row) exchange accumulators in shared memory, not DRAM.
     epilogue = 4 if int(p["activate"]) else 1
     return Cost(F32 * (n_out * n_in + n_out + n_in + n_out), 2 * n_out * n_in + epilogue * n_out,
                 f"W {n_out}x{n_in}")
+
+
+@cost_model("layer_forward_mv_gather")
+def _layer_forward_mv_gather(p) -> Cost:
+    forward = _layer_forward_mv(p)
+    # and the gather: read the cursor, one order entry and the label; write the image copy and
+    # the label (the image itself is the x that layer_forward_mv reads)
+    return Cost(forward.bytes + F32 * (1 + 1 + 1 + int(p["n_in"]) + 1), forward.flops, forward.shape)
 
 
 @cost_model("backward_update_partial")
@@ -90,6 +99,15 @@ def _layer_forward_gemm(p) -> Cost:
                 2 * batch * n_out * n_in + epilogue * batch * n_out, f"{batch}x{n_in} . W {n_out}x{n_in}")
 
 
+@cost_model("layer_forward_gemm_gather")
+def _layer_forward_gemm_gather(p) -> Cost:
+    forward = _layer_forward_gemm(p)
+    batch, n_in = int(p["batch"]), int(p["n_in"])
+    # and the gather: read the cursor, B order entries and labels; write the batch's copy and its
+    # labels (the gathered images themselves are the X that layer_forward_gemm reads)
+    return Cost(forward.bytes + F32 * (1 + 2 * batch + batch * n_in + batch), forward.flops, forward.shape)
+
+
 @cost_model("backprop_delta_gemm")
 def _backprop_delta_gemm(p) -> Cost:
     batch, n_out, n_in = int(p["batch"]), int(p["n_out"]), int(p["n_in"])
@@ -113,23 +131,11 @@ def _sgd_update_gemm(p) -> Cost:
 @cost_model("softmax_xent")
 def _softmax_xent(p) -> Cost:
     rows, classes = int(p["n_rows"]), int(p["n_classes"])
-    # read logits and labels; write delta, loss, wrong, prediction. Per class: max, sub+exp+add,
-    # then sub+exp+div (+ the label's sub); per row: log and two subs.
-    return Cost(F32 * (2 * rows * classes + 4 * rows), 7 * rows * classes + 3 * rows, f"{rows}x{classes}")
-
-
-@cost_model("gather_batch")
-def _gather_batch(p) -> Cost:
-    batch, features = int(p["batch"]), int(p["n_features"])
-    # read the cursor, B order entries, B images and labels; write B images and labels
-    return Cost(F32 * (1 + batch + 2 * batch * features + 2 * batch), 0, f"{batch}x{features}")
-
-
-@cost_model("finish_step")
-def _finish_step(p) -> Cost:
-    batch = int(p["batch"])
-    # read B losses and errors; read and write the two totals (one double) and the cursor
-    return Cost(F32 * 2 * batch + 2 * (8 + F32 + F32), batch, f"B={batch}")
+    # read logits and labels; write delta, loss, wrong, prediction; read and write the two totals
+    # (one double) and the cursor. Per class: max, sub+exp+add, then sub+exp+div (+ the label's
+    # sub); per row: log and two subs, and its loss added to the double total.
+    return Cost(F32 * (2 * rows * classes + 4 * rows) + 2 * (8 + F32 + F32), 7 * rows * classes + 4 * rows,
+                f"{rows}x{classes}")
 
 
 SIDE = 29

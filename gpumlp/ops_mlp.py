@@ -1,16 +1,18 @@
 """Typed launchers of the network kernels: cuda_kernels/mlp_online.cu (batch size 1),
-cuda_kernels/mlp_batch.cu (minibatches, evaluation) and cuda_kernels/train_step.cu (softmax head,
-gather, bookkeeping). References: gpumlp/reference.py.
+cuda_kernels/mlp_batch.cu (minibatches, evaluation) and cuda_kernels/train_step.cu (softmax head
+and bookkeeping). References: gpumlp/reference.py.
 
 Each launcher checks shapes and dtypes, computes grid and block, and wraps every scalar as
 np.int32 / np.float32 so its C type is right on both devices. Arrays are device arrays of the
 `device` (numpy for the emulator, CuPy on a GPU), float32 unless said otherwise, C-contiguous.
 
 A training step (the trainer composes it; see tests/test_mlp_kernels.py for the full sequence):
-  gather_batch -> layer_forward for each layer -> softmax_xent ->
-  backward_update for each layer, top first -> finish_step.
-With B = 1, layer_forward is layer_forward_mv and backward_update is backward_update_partial
-(+ backward_reduce except for the first layer); with B > 1 they are the GEMM kernels.
+  gather + layer_forward for each layer -> softmax_xent (which also adds up the step's loss and
+  errors and advances the cursor) -> backward_update for each layer, top first.
+With B = 1 the first layer is layer_forward_mv_gather (the gather fused in), the others
+layer_forward_mv, and backward_update is backward_update_partial (+ backward_reduce except for
+the first layer): 3 L launches for L layers (net 4: 6 + 1 + 6 + 5 = 18, where gather_batch and
+finish_step made it 20). With B > 1 they are the GEMM kernels, the first layer_forward_gemm_gather.
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ GEMM_THREADS = 256    # mlp_batch.cu THREADS: the kernels assume exactly this bl
 
 MV_THREADS = 256      # 8 warps = 8 output rows per block of layer_forward_mv (mlp_online.cu
                       # MV_THREADS, its __launch_bounds__: a bigger block would fail to launch)
-REDUCE_THREADS = 256
-SOFTMAX_THREADS = 128  # 4 warps = 4 rows per block
-GATHER_THREADS = 256   # 841 floats per image: 4 per thread
-MAX_GRID = 65535
+MV_WARPS_PER_ROW = (1, 2, 4)   # the warps_per_row layer_forward_mv accepts (mlp_online.cu)
+MV_TARGET_WARPS = 2000  # layer_forward_mv shares rows among warps until a layer has about this
+                        # many (~15 per SM of an H100, what its widest layers run with)
+REDUCE_COLUMNS = 32    # mlp_online.cu BR_COLUMNS x BR_LOADERS: backward_reduce's 2-D block
+REDUCE_LOADERS = 8
+SOFTMAX_THREADS = 128  # 4 warps, one block (softmax_xent adds up the step's totals in order)
 
 
 def _blocks(n: int, per_block: int) -> int:
@@ -84,17 +88,62 @@ def partial_elements(n_out: int, n_in: int) -> int:
 
 # ---- online (B = 1): mlp_online.cu -----------------------------------------------------------
 
-def layer_forward_mv(device, W, b, x, y, activate: bool) -> None:
+def mv_warps_per_row(n_out: int) -> int:
+    """Warps per output row for layer_forward_mv: the fewest of 1, 2, 4 that give the layer
+    MV_TARGET_WARPS warps (short layers: 10 rows -> 4, 500 -> 4, 1000 -> 2, 2000 -> 1). Any choice
+    gives the same bits (the warps split accumulators, not sums); this one only sets the speed."""
+    for warps in MV_WARPS_PER_ROW:
+        if int(n_out) * warps >= MV_TARGET_WARPS:
+            return warps
+    return MV_WARPS_PER_ROW[-1]
+
+
+def _mv_launch(n_out: int, warps_per_row: int | None):
+    warps = mv_warps_per_row(n_out) if warps_per_row is None else int(warps_per_row)
+    if warps not in MV_WARPS_PER_ROW:
+        raise ValueError(f"layer_forward_mv: warps_per_row must be one of {MV_WARPS_PER_ROW}, got {warps}")
+    return (_blocks(n_out, MV_THREADS // 32 // warps),), (MV_THREADS,), np.int32(warps)
+
+
+def layer_forward_mv(device, W, b, x, y, activate: bool, warps_per_row: int | None = None) -> None:
     """y = act(W x + b) for one sample. W (n_out, n_in), b (n_out,), x (n_in,) or (1, n_in),
-    y (n_out,) or (1, n_out); activate: scaled tanh, else linear (the output layer)."""
+    y (n_out,) or (1, n_out); activate: scaled tanh, else linear (the output layer);
+    warps_per_row 1, 2 or 4 (default mv_warps_per_row(n_out)): the same bits for each."""
     n_out, n_in = (int(s) for s in W.shape)
     check_array("layer_forward_mv", "b", b, (n_out,))
     check_array("layer_forward_mv", "x", x, n_in)
     check_array("layer_forward_mv", "y", y, n_out)
     check_array("layer_forward_mv", "W", W, (n_out, n_in))
+    grid, block, warps = _mv_launch(n_out, warps_per_row)
     kernel = device.kernel(ONLINE, "layer_forward_mv")
-    device.launch(kernel, (_blocks(n_out, MV_THREADS // 32),), (MV_THREADS,),
-                  (W, b, x, y, np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
+    device.launch(kernel, grid, block,
+                  (W, b, x, y, np.int32(n_out), np.int32(n_in), np.int32(bool(activate)), warps))
+
+
+def layer_forward_mv_gather(device, W, b, images, labels, order, cursor, X, label_out, y, activate: bool,
+                            warps_per_row: int | None = None) -> None:
+    """The first layer of an online step with its gather: sample = order[cursor] (the cursor read
+    ON THE DEVICE at run time), X = images[sample], label_out = labels[sample],
+    y = act(W X + b) as layer_forward_mv computes it.
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,) int32, order (N,) int32,
+    cursor (1,) int32, X (n_in,) or (1, n_in), label_out (1,) int32, y (n_out,) or (1, n_out)."""
+    name = "layer_forward_mv_gather"
+    n_out, n_in = (int(s) for s in W.shape)
+    n_samples = int(images.shape[0])
+    check_array(name, "W", W, (n_out, n_in))
+    check_array(name, "b", b, (n_out,))
+    check_array(name, "images", images, (n_samples, n_in))
+    check_array(name, "labels", labels, (n_samples,), np.int32)
+    check_array(name, "order", order, (n_samples,), np.int32)
+    check_array(name, "cursor", cursor, 1, np.int32)
+    check_array(name, "X", X, n_in)
+    check_array(name, "label_out", label_out, 1, np.int32)
+    check_array(name, "y", y, n_out)
+    grid, block, warps = _mv_launch(n_out, warps_per_row)
+    kernel = device.kernel(ONLINE, name)
+    device.launch(kernel, grid, block,
+                  (W, b, images, labels, order, cursor, X, label_out, y, np.int32(n_out), np.int32(n_in),
+                   np.int32(bool(activate)), warps, np.int32(n_samples)))
 
 
 def backward_update_partial(device, W, b, delta_out, x, partial, hyper: Hyperparameters,
@@ -131,7 +180,7 @@ def backward_reduce(device, partial, y_in, delta_in, n_out: int) -> None:
         raise ValueError(f"backward_reduce: partial must be a C-contiguous float32 array of at least "
                          f"{chunks * n_in} elements, got {partial.dtype} {tuple(partial.shape)}")
     kernel = device.kernel(ONLINE, "backward_reduce")
-    device.launch(kernel, (_blocks(n_in, REDUCE_THREADS),), (REDUCE_THREADS,),
+    device.launch(kernel, (_blocks(n_in, REDUCE_COLUMNS),), (REDUCE_COLUMNS, REDUCE_LOADERS),
                   (partial, y_in, delta_in, np.int32(chunks), np.int32(n_in)))
 
 
@@ -150,6 +199,32 @@ def layer_forward_gemm(device, W, b, X, Y, activate: bool) -> None:
     kernel = device.kernel(BATCH, "layer_forward_gemm")
     device.launch(kernel, (_blocks(n_out, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
                   (X, W, b, Y, np.int32(batch), np.int32(n_out), np.int32(n_in), np.int32(bool(activate))))
+
+
+def layer_forward_gemm_gather(device, W, b, images, labels, order, cursor, X, labels_out, Y, activate: bool) -> None:
+    """The first layer of a minibatch step with its gather: rows r < B of X are
+    images[order[cursor + r]] (the cursor read ON THE DEVICE at run time), labels_out their
+    labels, Y = act(X W^T + b) as layer_forward_gemm computes it.
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,) int32, order (N,) int32,
+    cursor (1,) int32, X (B, n_in), labels_out (B,) int32, Y (B, n_out)."""
+    name = "layer_forward_gemm_gather"
+    n_out, n_in = (int(s) for s in W.shape)
+    n_samples, batch = int(images.shape[0]), int(X.shape[0])
+    check_array(name, "W", W, (n_out, n_in))
+    check_array(name, "b", b, (n_out,))
+    check_array(name, "images", images, (n_samples, n_in))
+    check_array(name, "labels", labels, (n_samples,), np.int32)
+    check_array(name, "order", order, (n_samples,), np.int32)
+    check_array(name, "cursor", cursor, 1, np.int32)
+    check_array(name, "X", X, (batch, n_in))
+    check_array(name, "labels_out", labels_out, (batch,), np.int32)
+    check_array(name, "Y", Y, (batch, n_out))
+    if batch == 0:
+        return
+    kernel = device.kernel(BATCH, name)
+    device.launch(kernel, (_blocks(n_out, GEMM_TILE), _blocks(batch, GEMM_TILE)), (GEMM_THREADS,),
+                  (W, b, images, labels, order, cursor, X, labels_out, Y, np.int32(batch), np.int32(n_out),
+                   np.int32(n_in), np.int32(bool(activate)), np.int32(n_samples)))
 
 
 def backprop_delta_gemm(device, W, delta_out, y_in, delta_in) -> None:
@@ -185,10 +260,13 @@ def sgd_update_gemm(device, W, b, delta_out, X, hyper: Hyperparameters, velocity
 
 # ---- shared: train_step.cu -------------------------------------------------------------------
 
-def softmax_xent(device, logits, labels, delta, loss, wrong, prediction) -> None:
+def softmax_xent(device, logits, labels, delta, loss, wrong, prediction, loss_total, wrong_total, cursor) -> None:
     """Per row: delta = softmax - onehot(label), loss = -log p[label], prediction = first argmax,
-    wrong = prediction != label. logits, delta (B, C) float32; labels, wrong, prediction (B,)
-    int32; loss (B,) float32."""
+    wrong = prediction != label; then the step's bookkeeping: loss_total += the losses in row
+    order (in double), wrong_total += sum(wrong), cursor += B. logits, delta (B, C) float32;
+    labels, wrong, prediction (B,) int32; loss (B,) float32; loss_total (1,) float64,
+    wrong_total (1,) int32, cursor (1,) int32. Launch it after every kernel of the step that
+    reads the cursor."""
     batch, n_classes = (int(s) for s in logits.shape)
     check_array("softmax_xent", "logits", logits, (batch, n_classes))
     check_array("softmax_xent", "labels", labels, (batch,), np.int32)
@@ -196,46 +274,15 @@ def softmax_xent(device, logits, labels, delta, loss, wrong, prediction) -> None
     check_array("softmax_xent", "loss", loss, (batch,))
     check_array("softmax_xent", "wrong", wrong, (batch,), np.int32)
     check_array("softmax_xent", "prediction", prediction, (batch,), np.int32)
+    check_array("softmax_xent", "loss_total", loss_total, 1, np.float64)
+    check_array("softmax_xent", "wrong_total", wrong_total, 1, np.int32)
+    check_array("softmax_xent", "cursor", cursor, 1, np.int32)
     if batch == 0:
         return
     kernel = device.kernel(STEP, "softmax_xent")
-    device.launch(kernel, (_blocks(batch, SOFTMAX_THREADS // 32),), (SOFTMAX_THREADS,),
-                  (logits, labels, delta, loss, wrong, prediction, np.int32(batch), np.int32(n_classes)))
-
-
-def gather_batch(device, images, labels, order, cursor, X, labels_out, batch: int) -> None:
-    """X[r] = images[order[cursor + r]], labels_out[r] = labels[order[cursor + r]] for r < batch,
-    the cursor read ON THE DEVICE at run time (so a captured graph replays for every chunk).
-    images (N, n_features), labels (N,) int32, order (N,) int32, cursor (1,) int32,
-    X (batch, n_features), labels_out (batch,) int32."""
-    n_samples, n_features = (int(s) for s in images.shape)
-    batch = int(batch)
-    check_array("gather_batch", "images", images, (n_samples, n_features))
-    check_array("gather_batch", "labels", labels, (n_samples,), np.int32)
-    check_array("gather_batch", "order", order, (n_samples,), np.int32)
-    check_array("gather_batch", "cursor", cursor, 1, np.int32)
-    check_array("gather_batch", "X", X, (batch, n_features))
-    check_array("gather_batch", "labels_out", labels_out, (batch,), np.int32)
-    if batch == 0:
-        return
-    kernel = device.kernel(STEP, "gather_batch")
-    device.launch(kernel, (min(batch, MAX_GRID),), (GATHER_THREADS,),
-                  (images, labels, order, cursor, X, labels_out,
-                   np.int32(batch), np.int32(n_features), np.int32(n_samples)))
-
-
-def finish_step(device, loss, wrong, loss_total, wrong_total, cursor, batch: int | None = None) -> None:
-    """loss_total += sum(loss) (in order, double), wrong_total += sum(wrong), cursor += batch.
-    loss (B,) float32, wrong (B,) int32, loss_total (1,) float64, wrong_total (1,) int32,
-    cursor (1,) int32; batch defaults to B. Launch it last in a step."""
-    batch = int(loss.shape[0]) if batch is None else int(batch)
-    check_array("finish_step", "loss", loss, (batch,))
-    check_array("finish_step", "wrong", wrong, (batch,), np.int32)
-    check_array("finish_step", "loss_total", loss_total, 1, np.float64)
-    check_array("finish_step", "wrong_total", wrong_total, 1, np.int32)
-    check_array("finish_step", "cursor", cursor, 1, np.int32)
-    kernel = device.kernel(STEP, "finish_step")
-    device.launch(kernel, (1,), (1,), (loss, wrong, loss_total, wrong_total, cursor, np.int32(batch)))
+    device.launch(kernel, (1,), (SOFTMAX_THREADS,),
+                  (logits, labels, delta, loss, wrong, prediction, loss_total, wrong_total, cursor,
+                   np.int32(batch), np.int32(n_classes)))
 
 
 # ---- dispatch on the batch size (what the trainer calls) ---------------------------------------
@@ -266,9 +313,9 @@ def backward_update(device, W, b, delta_out, x, delta_below, partial, hyper: Hyp
         sgd_update_gemm(device, W, b, delta_out, x, hyper, velocity_W, velocity_b)
 
 
-KERNELS = {ONLINE: ("layer_forward_mv", "backward_update_partial", "backward_reduce"),
-           BATCH: ("layer_forward_gemm", "backprop_delta_gemm", "sgd_update_gemm"),
-           STEP: ("softmax_xent", "gather_batch", "finish_step")}
+KERNELS = {ONLINE: ("layer_forward_mv", "layer_forward_mv_gather", "backward_update_partial", "backward_reduce"),
+           BATCH: ("layer_forward_gemm", "layer_forward_gemm_gather", "backprop_delta_gemm", "sgd_update_gemm"),
+           STEP: ("softmax_xent",)}
 
 
 def preload(device) -> None:

@@ -332,8 +332,8 @@ class Timer:
 
 
 def time_launches(device, trainer, launches, rows: list[Row], info: GpuInfo, timer: Timer) -> None:
-    """Fill the timing columns, launching each recorded launch again through the device. The epoch cursor goes back to 0 before every repeat: finish_step
-    advances it, and gather_batch copies nothing once it passes the end of the epoch."""
+    """Fill the timing columns, launching each recorded launch again through the device. The epoch cursor goes back to 0 before every repeat: softmax_xent
+    advances it, and the first layer's gathers (layer_forward_mv_gather, layer_forward_gemm_gather) load nothing past the end of the epoch."""
     reset = lambda: trainer.cursor.fill(0)  # noqa: E731
     for launch, row in zip(launches, rows):
         run = lambda launch=launch: device.launch(launch.handle, launch.grid, launch.block,  # noqa: E731
@@ -491,7 +491,8 @@ def render(report: dict) -> str:
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     t, s, B = report["totals"], report["summary"], report["batch_size"]
     lines.append("")
-    lines.append(f"step ({plural(t['step']['launches'], 'launch', 'launches')}, {plural(B, 'image')}): "
+    lines.append(f"step ({plural(t['step']['launches'], 'launch', 'launches')}, {plural(B, 'image')}; "
+                 f"{t['step']['launches'] / B:.4g} launches per image): "
                  f"{t['step']['bytes'] / 1e6:.3f} MB, {t['step']['flops'] / 1e6:.3f} MFLOP"
                  + (f", {t['step']['time_us']:.1f} us in kernels" if "time_us" in t["step"] else ""))
     lines.append(f"epoch kernels ({plural(t['epoch']['launches'], 'launch', 'launches')} for "

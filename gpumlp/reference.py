@@ -124,6 +124,27 @@ def backward_reduce_ref(partial: np.ndarray, y_in: np.ndarray) -> np.ndarray:
     return (partial.sum(axis=0, dtype=F32) * scaled_tanh_derivative_from_output(y_in)).astype(F32)
 
 
+def layer_forward_mv_gather_ref(W, b, images, labels, order, cursor: int, activate: bool = True):
+    """The first layer of an online step with its gather (a composition of gather_batch_ref and
+    layer_forward_ref): the sample at position `cursor` of the epoch and the layer's output on it.
+
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,), order (N,) a permutation ->
+    X (n_in,) the gathered image, label (int), y (n_out,)."""
+    X, label = gather_batch_ref(images, labels, order, cursor, 1)
+    return X[0], int(label[0]), layer_forward_ref(W, b, X, activate)[0]
+
+
+def layer_forward_gemm_gather_ref(W, b, images, labels, order, cursor: int, batch: int, activate: bool = True):
+    """The first layer of a minibatch step with its gather (a composition of gather_batch_ref and
+    layer_forward_ref): the `batch` samples from position `cursor` of the epoch and the layer's
+    output on them.
+
+    W (n_out, n_in), b (n_out,), images (N, n_in), labels (N,), order (N,) a permutation ->
+    X (batch, n_in), labels (batch,) int32, Y (batch, n_out)."""
+    X, picked_labels = gather_batch_ref(images, labels, order, cursor, batch)
+    return X, picked_labels, layer_forward_ref(W, b, X, activate)
+
+
 def gather_batch_ref(images: np.ndarray, labels: np.ndarray, order: np.ndarray, cursor: int, batch: int):
     """The next `batch` samples of the epoch: rows order[cursor : cursor + batch].
 

@@ -109,7 +109,7 @@ def _uniform(rng, shape, scale=1.0):
 
 # -- the kernels -------------------------------------------------------------------------------------
 def check_online(ch: Checker, rng, s: Shapes) -> None:
-    """mlp_online.cu: layer_forward_mv, backward_update_partial (momentum), backward_reduce."""
+    """mlp_online.cu: layer_forward_mv(_gather), backward_update_partial (momentum), backward_reduce."""
     d, shape = ch.device, f"W {s.n_out}x{s.n_in}"
     W, b = _layer(rng, s.n_out, s.n_in)
     x = _uniform(rng, s.n_in)
@@ -135,9 +135,20 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     ch.close("backward_reduce", f"{chunks}x{s.n_in} partials", ch.down(delta_in),
              R.backward_reduce_ref(ref_partial, x), BACKPROP)
 
+    # the first layer's fused gather (3 images, the one at position 1 of the order)
+    images, labels = _uniform(rng, (3, s.n_in)), np.arange(3, dtype=np.int32)
+    order = np.array([2, 0, 1], np.int32)
+    X, label, y = ch.unwritten(s.n_in), ch.unwritten(1, np.int32), ch.unwritten(s.n_out)
+    ops_mlp.layer_forward_mv_gather(d, ch.up(W), ch.up(b), ch.up(images), ch.up(labels), ch.up(order),
+                                    ch.up(np.array([1], np.int32)), X, label, y, activate=True)
+    ref_X, ref_label, ref_y = R.layer_forward_mv_gather_ref(W, b, images, labels, order, 1, True)
+    ch.close("layer_forward_mv_gather", shape, ch.down(y), ref_y, FORWARD)
+    ch.exact("layer_forward_mv_gather", f"{shape} gathered image, label",
+             _flat(ch.down(X), ch.down(label).astype(np.float32)), _flat(ref_X, np.float32(ref_label)))
+
 
 def check_batch(ch: Checker, rng, s: Shapes) -> None:
-    """mlp_batch.cu: layer_forward_gemm, backprop_delta_gemm, sgd_update_gemm (momentum)."""
+    """mlp_batch.cu: layer_forward_gemm(_gather), backprop_delta_gemm, sgd_update_gemm (momentum)."""
     d, shape = ch.device, f"B={s.batch}, W {s.n_out}x{s.n_in}"
     W, b = _layer(rng, s.n_out, s.n_in)
     X = _uniform(rng, (s.batch, s.n_in))
@@ -159,37 +170,41 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
     R.sgd_update_ref(ref[0], ref[1], delta_out, y_in, LR, MOMENTUM, ref[2], ref[3])
     ch.close("sgd_update_gemm", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref), UPDATE)
 
+    # the first layer's fused gather, on a 10 x 841 layer (the gather is what is new)
+    n, features, cursor = 2 * s.batch + 3, 841, s.batch
+    W_first, b_first = _layer(rng, 10, features)
+    images = _uniform(rng, (n, features))
+    image_labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    X_out, labels_out, Y_first = (ch.unwritten((s.batch, features)), ch.unwritten(s.batch, np.int32),
+                                  ch.unwritten((s.batch, 10)))
+    ops_mlp.layer_forward_gemm_gather(d, ch.up(W_first), ch.up(b_first), ch.up(images), ch.up(image_labels),
+                                      ch.up(order), ch.up(np.array([cursor], np.int32)), X_out, labels_out, Y_first,
+                                      activate=True)
+    ref_X, ref_labels, ref_Y = R.layer_forward_gemm_gather_ref(W_first, b_first, images, image_labels, order, cursor,
+                                                               s.batch, True)
+    gather_shape = f"B={s.batch}, W 10x{features}"
+    ch.close("layer_forward_gemm_gather", gather_shape, ch.down(Y_first), ref_Y, FORWARD)
+    ch.exact("layer_forward_gemm_gather", f"{gather_shape} gathered images, labels",
+             _flat(ch.down(X_out), ch.down(labels_out).astype(np.float32)), _flat(ref_X, ref_labels.astype(np.float32)))
+
 
 def check_step_kernels(ch: Checker, rng, s: Shapes) -> None:
-    """train_step.cu: softmax_xent, gather_batch, finish_step."""
+    """train_step.cu: softmax_xent (with the step's totals)."""
     d, B, C = ch.device, s.batch, 10
     logits = _uniform(rng, (B, C), 8.0)
     labels = rng.integers(0, C, B).astype(np.int32)
     outs = [ch.unwritten((B, C)), ch.unwritten(B), ch.unwritten(B, np.int32), ch.unwritten(B, np.int32)]
-    ops_mlp.softmax_xent(d, ch.up(logits), ch.up(labels), *outs)
+    totals = [ch.up(np.array([1.25])), ch.up(np.array([3], np.int32)), ch.up(np.array([40], np.int32))]
+    ops_mlp.softmax_xent(d, ch.up(logits), ch.up(labels), *outs, *totals)
     delta, loss, wrong, prediction = map(ch.down, outs)
     ref = R.softmax_xent_ref(logits, labels)
     ch.close("softmax_xent", f"{B}x{C} delta, loss", _flat(delta, loss), _flat(ref["delta"], ref["loss"]), SOFTMAX)
     ch.exact("softmax_xent", f"{B}x{C} prediction, wrong", _flat(prediction, wrong),
              _flat(ref["prediction"], ref["wrong"]).astype(np.int32))
 
-    n, features, cursor = 2 * B + 3, 841, B
-    images = _uniform(rng, (n, features))
-    image_labels = rng.integers(0, C, n).astype(np.int32)
-    order = rng.permutation(n).astype(np.int32)
-    X, labels_out = ch.unwritten((B, features)), ch.unwritten(B, np.int32)
-    ops_mlp.gather_batch(d, ch.up(images), ch.up(image_labels), ch.up(order), ch.up(np.array([cursor], np.int32)),
-                         X, labels_out, B)
-    ref_X, ref_labels = R.gather_batch_ref(images, image_labels, order, cursor, B)
-    ch.exact("gather_batch", f"{B}x{features}", _flat(ch.down(X), ch.down(labels_out).astype(np.float32)),
-             _flat(ref_X, ref_labels.astype(np.float32)))
-
-    step_loss = rng.uniform(0, 3, B).astype(np.float32)
-    step_wrong = rng.integers(0, 2, B).astype(np.int32)
-    totals = [ch.up(np.array([1.25])), ch.up(np.array([3], np.int32)), ch.up(np.array([40], np.int32))]
-    ops_mlp.finish_step(d, ch.up(step_loss), ch.up(step_wrong), *totals)
-    total, errors, moved = R.finish_step_ref(step_loss, step_wrong, 1.25, 3, 40)
-    ch.exact("finish_step", f"B={B}", _flat(*map(ch.down, totals)).astype(np.float64),
+    total, errors, moved = R.finish_step_ref(loss, wrong, 1.25, 3, 40)   # the step's bookkeeping, fused in
+    ch.exact("softmax_xent", f"B={B} totals, cursor", _flat(*map(ch.down, totals)).astype(np.float64),
              np.array([total, errors, moved], np.float64))
 
 

@@ -60,11 +60,7 @@ def train_run(run_dir: Path, flags: list[str], log=print) -> FinishedRun:
     run_dir = Path(run_dir)
     wanted = settings_of([*flags, "--out", str(run_dir)])
     if (run_dir / "config.json").is_file():
-        config = RunDir(run_dir).load_config()
-        recorded = config.get("settings") if isinstance(config, dict) else None
-        if not isinstance(recorded, dict):
-            raise UserError(f"{run_dir}/config.json records no settings: not a run this study made; "
-                            "choose another --out")
+        recorded = RunDir(run_dir).load_config()["settings"]   # one error line when there are none
         differences = differing_settings(recorded, wanted)
         if differences:
             raise UserError(f"{run_dir} holds a run made with other settings ({'; '.join(differences)}); "

@@ -1,10 +1,10 @@
 """Training on a device (`--device cuda` or `--device emulate`): everything resident on the device.
 
 The dataset is uploaded once. Each epoch the deformation kernel makes every deformed image on the
-device; then the per-sample launch sequence (gather, forward, softmax, backward+update, finish) for
+device; then the per-sample launch sequence (gather+forward, forward, softmax+bookkeeping, backward+update) for
 `graph_steps` consecutive steps is captured into a graph and replayed for every chunk of the
-epoch. The kernels read the position in the epoch from a device counter that the last kernel of a
-step advances, and the learning rate from device memory written before each epoch's replays, so
+epoch. The kernels read the position in the epoch from a device counter that the softmax head of
+a step advances, and the learning rate from device memory written before each epoch's replays, so
 each distinct graph (the full chunk, the remainder, the tail batch) is captured once per run and
 replayed in every epoch; only two numbers per epoch (the summed loss and error count) come back to
 the host. On the emulator the same launches are recorded and replayed.
@@ -107,23 +107,28 @@ class DeviceTrainer:
 
     # -- training --------------------------------------------------------------------------------
     def launch_step(self, B: int) -> None:
-        """The launch sequence of one training step on the next B samples of the epoch."""
+        """The launch sequence of one training step on the next B samples of the epoch: the first
+        forward kernel gathers its samples itself; softmax_xent adds up the step's loss and errors
+        and advances the cursor (nothing after it reads the cursor)."""
         d, buf = self.device, self.buffers[B]
-        ops_mlp.gather_batch(d, self.epoch_images, self.train_labels, self.order, self.cursor,
-                             buf["x"], buf["labels"], B)
         inputs = [buf["x"], *buf["activations"][:-1]]
         last = len(self.params) - 1
         for layer, (W, b) in enumerate(self.params):
-            ops_mlp.layer_forward(d, W, b, inputs[layer], buf["activations"][layer], activate=layer < last)
+            if layer:
+                ops_mlp.layer_forward(d, W, b, inputs[layer], buf["activations"][layer], activate=layer < last)
+            else:
+                gather_forward = ops_mlp.layer_forward_mv_gather if B == 1 else ops_mlp.layer_forward_gemm_gather
+                gather_forward(d, W, b, self.epoch_images, self.train_labels, self.order, self.cursor, buf["x"],
+                               buf["labels"], buf["activations"][0], activate=layer < last)
         ops_mlp.softmax_xent(d, buf["activations"][-1], buf["labels"], buf["deltas"][-1],
-                             buf["loss"], buf["wrong"], buf["prediction"])
+                             buf["loss"], buf["wrong"], buf["prediction"], self.loss_total, self.wrong_total,
+                             self.cursor)
         for layer in reversed(range(len(self.params))):
             W, b = self.params[layer]
             vW, vb = self.velocities[layer] if self.velocities else (None, None)
             delta_below = buf["deltas"][layer - 1] if layer else None
             ops_mlp.backward_update(d, W, b, buf["deltas"][layer], inputs[layer], delta_below,
                                     buf["partial"], self.hyper, vW, vb)
-        ops_mlp.finish_step(d, buf["loss"], buf["wrong"], self.loss_total, self.wrong_total, self.cursor)
 
     def capture_steps(self, steps: int, B: int):
         with self.device.capture() as graph:

@@ -203,19 +203,22 @@ def test_capture_regions_only_launch_kernels(batch_size):
 def test_graph_capture_and_replay_on_gpu():
     d = CudaDevice()
     ops_mlp.preload(d)
-    loss = d.asarray(np.array([0.5, 1.0, 1.5, 2.0], np.float32))
-    wrong = d.asarray(np.array([1, 0, 1, 0], np.int32))
+    # 4 rows whose argmax is class 0 while the labels are 0, 1, 0, 1: 2 errors per step
+    logits = d.asarray(np.tile(np.array([2.0, 0.0, 0.0], np.float32), (4, 1)))
+    labels = d.asarray(np.array([0, 1, 0, 1], np.int32))
+    outs = d.zeros((4, 3)), d.zeros(4), d.zeros(4, np.int32), d.zeros(4, np.int32)
     loss_total, wrong_total, cursor = d.zeros(1, np.float64), d.zeros(1, np.int32), d.zeros(1, np.int32)
     with d.capture() as graph:
         for _ in range(3):
-            ops_mlp.finish_step(d, loss, wrong, loss_total, wrong_total, cursor)
+            ops_mlp.softmax_xent(d, logits, labels, *outs, loss_total, wrong_total, cursor)
     assert not d.stream.is_capturing()
     assert d.to_host(cursor)[0] == 0  # captured, not run
     graph.replay()
     graph.replay()
     d.synchronize()
+    step_loss = float(np.sum(d.to_host(outs[1]).astype(np.float64)))
     assert d.to_host(cursor)[0] == 6 * 4
-    assert d.to_host(loss_total)[0] == 6 * 5.0
+    assert d.to_host(loss_total)[0] == pytest.approx(6 * step_loss, rel=1e-12) and step_loss > 0
     assert d.to_host(wrong_total)[0] == 6 * 2
 
 
@@ -224,10 +227,11 @@ def test_graph_capture_and_replay_on_gpu():
 def test_a_failed_capture_leaves_the_stream_usable():
     d = CudaDevice()
     ops_mlp.preload(d)
-    args = d.zeros(4), d.zeros(3, np.int32), d.zeros(1, np.float64), d.zeros(1, np.int32), d.zeros(1, np.int32)
-    with pytest.raises(ValueError, match="finish_step"):
+    args = (d.zeros((4, 3)), d.zeros(4, np.int32), d.zeros((4, 3)), d.zeros(4), d.zeros(3, np.int32),
+            d.zeros(4, np.int32), d.zeros(1, np.float64), d.zeros(1, np.int32), d.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="softmax_xent"):
         with d.capture():
-            ops_mlp.finish_step(d, *args)  # wrong has 3 elements, not 4: refused before any launch
+            ops_mlp.softmax_xent(d, *args)  # wrong has 3 elements, not 4: refused before any launch
     assert not d.stream.is_capturing()
     assert d.to_host(d.zeros(3)).tolist() == [0.0, 0.0, 0.0]
 

@@ -118,6 +118,74 @@ def test_layer_forward_mv(device, n_out, n_in, activate):
     assert_close(y, ref, **FORWARD, what=f"layer_forward_mv {n_out}x{n_in} activate={activate}")
 
 
+@pytest.mark.parametrize("n_out, n_in", [(10, 500), (33, 37), (9, 1100), (3, 1)])
+def test_layer_forward_mv_gives_the_same_bits_for_every_warps_per_row(device, n_out, n_in):
+    """Sharing a row among 2 or 4 warps splits the lane's accumulators, not a sum: every split
+    gives one warp's bits (and 1100 > 2 x 512 inputs: several iterations per accumulator)."""
+    rng = rng_for("split", n_out, n_in)
+    W, b = layer(rng, n_out, n_in)
+    x = uniform(rng, n_in)
+    outputs = {}
+    for warps in ops_mlp.MV_WARPS_PER_ROW:
+        outputs[warps] = nan_like(n_out)
+        ops_mlp.layer_forward_mv(device, W, b, x, outputs[warps], True, warps_per_row=warps)
+    assert_close(outputs[1], R.layer_forward_ref(W, b, x[None], True)[0], **FORWARD,
+                 what=f"layer_forward_mv(split) {n_out}x{n_in}")
+    for warps in ops_mlp.MV_WARPS_PER_ROW[1:]:
+        assert_bitwise_equal(outputs[warps], outputs[1], f"{n_out}x{n_in} with {warps} warps per row")
+
+
+def test_mv_warps_per_row_shares_only_short_layers():
+    assert [ops_mlp.mv_warps_per_row(n) for n in (10, 500, 1000, 1500, 2000, 2500)] == [4, 4, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("n_out, n_in, cursor", [(10, 841, 0), (33, 37, 5), (70, 130, 19)])
+def test_layer_forward_mv_gather(device, n_out, n_in, cursor):
+    """The fused gather: X and the label bit for bit, y within FORWARD of layer_forward_mv_gather_ref
+    and bit for bit what layer_forward_mv computes on the gathered image."""
+    rng = rng_for("mv-gather", n_out, n_in, cursor)
+    n = 20
+    W, b = layer(rng, n_out, n_in)
+    images = uniform(rng, (n, n_in))
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    X, label, y = nan_like(n_in), nan_like(1, np.int32), nan_like(n_out)
+    ops_mlp.layer_forward_mv_gather(device, W, b, images, labels, order, np.array([cursor], np.int32), X, label, y,
+                                    activate=True)
+    ref_X, ref_label, ref_y = R.layer_forward_mv_gather_ref(W, b, images, labels, order, cursor, True)
+    assert_bitwise_equal(X, ref_X, "gathered image")
+    assert int(label[0]) == ref_label
+    assert_close(y, ref_y, **FORWARD, what=f"layer_forward_mv_gather {n_out}x{n_in}")
+    plain = nan_like(n_out)
+    ops_mlp.layer_forward_mv(device, W, b, ref_X, plain, True)
+    assert_bitwise_equal(y, plain, "layer_forward_mv_gather vs layer_forward_mv")
+
+
+def test_layer_forward_mv_gather_past_the_epoch_leaves_everything(device):
+    rng = rng_for("mv-gather-end")
+    W, b = layer(rng, 10, 37)
+    images, labels = uniform(rng, (4, 37)), np.arange(4, dtype=np.int32)
+    X, label, y = nan_like(37), nan_like(1, np.int32), nan_like(10)
+    ops_mlp.layer_forward_mv_gather(device, W, b, images, labels, np.arange(4, dtype=np.int32),
+                                    np.array([4], np.int32), X, label, y, activate=True)
+    assert np.isnan(X).all() and np.isnan(y).all() and label[0] == -7
+
+
+@pytest.mark.parametrize("chunks, n_in", [(1, 33), (16, 500), (70, 45)])
+def test_backward_reduce_adds_the_chunks_in_order(device, chunks, n_in):
+    """backward_reduce's sum per column is one float32 chain in chunk order, (p0 + p1) + p2 ...,
+    however its loads are spread over threads (70 chunks: two groups of the shared tile): bit for
+    bit that chain times f'(y_in)."""
+    rng = rng_for("reduce-order", chunks, n_in)
+    partial = uniform(rng, (chunks, n_in))
+    y_in = tanh_outputs(rng, n_in)
+    delta_in = nan_like(n_in)
+    ops_mlp.backward_reduce(device, partial, y_in, delta_in, chunks * ops_mlp.BU_ROWS)
+    in_order = np.add.accumulate(partial, axis=0, dtype=np.float32)[-1]   # sequential, in row order
+    assert_bitwise_equal(delta_in, in_order * R.scaled_tanh_derivative_from_output(y_in), f"{chunks}x{n_in}")
+    assert_close(delta_in, R.backward_reduce_ref(partial, y_in), **BACKPROP, what=f"backward_reduce {chunks}x{n_in}")
+
+
 @pytest.mark.parametrize("n_out, n_in", SHAPES + [(64, 300)])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_backward_update_partial_and_reduce(device, n_out, n_in, momentum):
@@ -186,6 +254,31 @@ def test_layer_forward_gemm(device, batch, n_out, n_in, activate):
                  what=f"layer_forward_gemm B={batch} {n_out}x{n_in} activate={activate}")
 
 
+@pytest.mark.parametrize("cursor, batch, n_out", [(0, 1, 10), (5, 7, 33), (3, 16, 70), (19, 1, 10), (15, 8, 10)])
+def test_layer_forward_gemm_gather(device, cursor, batch, n_out):
+    """The fused gather of a minibatch: X and the labels bit for bit (rows past the end of the
+    epoch, as at cursor 15 of 20 with B = 8, left untouched), Y within FORWARD of
+    layer_forward_gemm_gather_ref and bit for bit what layer_forward_gemm computes on the batch."""
+    rng = rng_for("gemm-gather", cursor, batch, n_out)
+    n, n_in = 20, 841
+    W, b = layer(rng, n_out, n_in)
+    images = uniform(rng, (n, n_in))
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    order = rng.permutation(n).astype(np.int32)
+    X, labels_out, Y = nan_like((batch, n_in)), nan_like(batch, np.int32), nan_like((batch, n_out))
+    ops_mlp.layer_forward_gemm_gather(device, W, b, images, labels, order, np.array([cursor], np.int32), X,
+                                      labels_out, Y, activate=True)
+    ref_X, ref_labels, ref_Y = R.layer_forward_gemm_gather_ref(W, b, images, labels, order, cursor, batch, True)
+    valid = len(ref_labels)
+    assert_bitwise_equal(X[:valid], ref_X, "gathered images")
+    np.testing.assert_array_equal(labels_out[:valid], ref_labels)
+    assert np.isnan(X[valid:]).all() and (labels_out[valid:] == -7).all()
+    assert_close(Y[:valid], ref_Y, **FORWARD, what=f"layer_forward_gemm_gather B={batch} {n_out}x{n_in}")
+    plain = nan_like((valid, n_out))
+    ops_mlp.layer_forward_gemm(device, W, b, ref_X, plain, True)
+    assert_bitwise_equal(Y[:valid], plain, "layer_forward_gemm_gather vs layer_forward_gemm")
+
+
 @pytest.mark.parametrize("batch, n_out, n_in", BATCH_CASES)
 def test_backprop_delta_gemm(device, batch, n_out, n_in):
     rng = rng_for("bp", batch, n_out, n_in)
@@ -230,43 +323,38 @@ def test_softmax_xent(device, batch, n_classes):
         labels[1] = 0
     outs = dict(delta=nan_like((batch, n_classes)), loss=nan_like(batch),
                 wrong=nan_like(batch, np.int32), prediction=nan_like(batch, np.int32))
-    ops_mlp.softmax_xent(device, logits, labels, outs["delta"], outs["loss"], outs["wrong"], outs["prediction"])
+    totals = np.array([1.25]), np.array([3], np.int32), np.array([40], np.int32)
+    ops_mlp.softmax_xent(device, logits, labels, outs["delta"], outs["loss"], outs["wrong"], outs["prediction"],
+                         *totals)
     ref = R.softmax_xent_ref(logits, labels)
     what = f"B={batch} C={n_classes}"
+    # the fused bookkeeping: the step's own losses, added in row order, and its errors and cursor
+    loss_total, wrong_total, cursor = R.finish_step_ref(outs["loss"], outs["wrong"], 1.25, 3, 40)
+    assert_bitwise_equal(totals[0], np.array([loss_total]), f"softmax_xent.loss_total {what}")
+    assert (int(totals[1][0]), int(totals[2][0])) == (wrong_total, cursor), what
     assert_close(outs["delta"], ref["delta"], **SOFTMAX, what=f"softmax_xent.delta {what}")
     assert_close(outs["loss"], ref["loss"], **SOFTMAX, what=f"softmax_xent.loss {what}")
     np.testing.assert_array_equal(outs["prediction"], ref["prediction"], err_msg=f"{what} prediction")
     np.testing.assert_array_equal(outs["wrong"], ref["wrong"], err_msg=f"{what} wrong")
 
 
-@pytest.mark.parametrize("cursor, batch", [(0, 1), (5, 7), (19, 1), (3, 16)])
-def test_gather_batch(device, cursor, batch):
-    rng = rng_for("gather", cursor, batch)
-    n, features = 20, 841
-    images = uniform(rng, (n, features))
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    order = rng.permutation(n).astype(np.int32)
-    X = nan_like((batch, features))
-    labels_out = nan_like(batch, np.int32)
-    ops_mlp.gather_batch(device, images, labels, order, np.array([cursor], np.int32), X, labels_out, batch)
-    ref_X, ref_labels = R.gather_batch_ref(images, labels, order, cursor, batch)
-    valid = len(ref_labels)          # rows past the end of the epoch are left untouched
-    assert_bitwise_equal(X[:valid], ref_X, "gathered images")
-    np.testing.assert_array_equal(labels_out[:valid], ref_labels)
-    assert np.isnan(X[valid:]).all() and (labels_out[valid:] == -7).all()
-
-
-def test_finish_step(device):
+def test_softmax_xent_accumulates_the_totals_over_steps(device):
+    """The bookkeeping that finish_step did before it was fused into softmax_xent: over steps of
+    B = 1, 7, 16 the totals and the cursor move on exactly as finish_step_ref says."""
     rng = rng_for("finish")
-    loss_total, wrong_total, cursor = np.array([1.25]), np.array([3], np.int32), np.array([40], np.int32)
+    totals = np.array([1.25]), np.array([3], np.int32), np.array([40], np.int32)
     expected = (1.25, 3, 40)
     for batch in (1, 7, 16, 32):
-        loss = rng.uniform(0, 3, batch).astype(np.float32)
-        wrong = rng.integers(0, 2, batch).astype(np.int32)
-        ops_mlp.finish_step(device, loss, wrong, loss_total, wrong_total, cursor)
+        logits = uniform(rng, (batch, 10), 8.0)
+        labels = rng.integers(0, 10, batch).astype(np.int32)
+        loss, wrong = nan_like(batch), nan_like(batch, np.int32)
+        ops_mlp.softmax_xent(device, logits, labels, nan_like((batch, 10)), loss, wrong, nan_like(batch, np.int32),
+                             *totals)
+        ref = R.softmax_xent_ref(logits, labels)
+        np.testing.assert_array_equal(wrong, ref["wrong"])
         expected = R.finish_step_ref(loss, wrong, *expected)
-        assert_bitwise_equal(loss_total, np.array([expected[0]]), "loss_total")
-        assert (int(wrong_total[0]), int(cursor[0])) == expected[1:]
+        assert_bitwise_equal(totals[0], np.array([expected[0]]), "loss_total")
+        assert (int(totals[1][0]), int(totals[2][0])) == expected[1:]
 
 
 # ---- whole steps on a tiny net ---------------------------------------------------------------
@@ -309,25 +397,29 @@ class DeviceNet:
 
     def launch_step(self, lr):
         d = self.d
-        ops_mlp.gather_batch(d, self.images, self.labels, self.order, self.cursor, self.x, self.y, self.batch)
         inputs = [self.x, *self.activations[:-1]]
         last = len(self.params) - 1
         for layer, (W, b) in enumerate(self.params):
+            if layer == 0:   # the first forward kernel gathers the step's samples itself
+                gather_forward = (ops_mlp.layer_forward_mv_gather if self.batch == 1
+                                  else ops_mlp.layer_forward_gemm_gather)
+                gather_forward(d, W, b, self.images, self.labels, self.order, self.cursor, self.x, self.y,
+                               self.activations[0], activate=True)
+                continue
             ops_mlp.layer_forward(d, W, b, inputs[layer], self.activations[layer], activate=layer < last)
         ops_mlp.softmax_xent(d, self.activations[-1], self.y, self.deltas[-1], self.loss, self.wrong,
-                             self.prediction)
+                             self.prediction, self.loss_total, self.wrong_total, self.cursor)
         for layer in reversed(range(len(self.params))):
             W, b = self.params[layer]
             vW, vb = self.velocities[layer] if self.momentum else (None, None)
             below = self.deltas[layer - 1] if layer else None
             ops_mlp.backward_update(d, W, b, self.deltas[layer], inputs[layer], below, self.partial,
                                     ops_mlp.Hyperparameters(d, lr, self.momentum), vW, vb)
-        ops_mlp.finish_step(d, self.loss, self.wrong, self.loss_total, self.wrong_total, self.cursor)
 
 
 @pytest.mark.parametrize("batch, momentum", [(1, 0.0), (1, 0.9), (8, 0.0), (8, 0.9)])
 def test_whole_steps_match_the_reference(device, batch, momentum):
-    """gather -> forward -> softmax -> backward/update -> finish, for 3 steps: the first launched
+    """gather -> forward -> softmax (+ totals) -> backward/update, for 3 steps: the first launched
     directly, the next two by replaying ONE captured step (the cursor on the device moves on)."""
     from gpumlp.nets import init_params
     rng = rng_for("step", batch, int(momentum * 10))
@@ -488,16 +580,25 @@ def test_sgd_update_gemm_at_the_paper_shape(device, paper_gemm_layer):
         assert_close(got, want, atol, PAPER_RTOL, what=f"paper.sgd_update_gemm.{name} B=32 2000x2500")
 
 
-def test_gather_batch_at_the_paper_batch(device):
+def test_layer_forward_gemm_gather_at_the_paper_batch(device):
+    """The fused gather of net 4's first layer (2500x841) at B = 32: X and the labels bit for bit,
+    Y bit for bit what layer_forward_gemm computes on the gathered batch (whose own tolerance the
+    paper-shape GEMM test states)."""
     rng = rng_for("paper-gather")
+    W, b = layer(rng, 2500, SIZES[0])
     images = uniform(rng, (1000, SIZES[0]))
     labels = rng.integers(0, 10, 1000).astype(np.int32)
     order = rng.permutation(1000).astype(np.int32)
     X, labels_out = device.empty((PAPER_BATCH, SIZES[0])), device.empty(PAPER_BATCH, np.int32)
-    ops_mlp.gather_batch(device, images, labels, order, np.array([968], np.int32), X, labels_out, PAPER_BATCH)
+    Y = device.empty((PAPER_BATCH, 2500))
+    ops_mlp.layer_forward_gemm_gather(device, W, b, images, labels, order, np.array([968], np.int32), X,
+                                      labels_out, Y, activate=True)
     ref_X, ref_labels = R.gather_batch_ref(images, labels, order, 968, PAPER_BATCH)
     assert_bitwise_equal(X, ref_X, "gathered images")
     assert_bitwise_equal(labels_out, ref_labels, "gathered labels")
+    plain = device.empty((PAPER_BATCH, 2500))
+    ops_mlp.layer_forward_gemm(device, W, b, ref_X, plain, True)
+    assert_bitwise_equal(Y, plain, "layer_forward_gemm_gather vs layer_forward_gemm at 2500x841")
 
 
 # ---- subnormals: the emulator flushes them as CuPy's -ftz=true compiles ------------------------
@@ -547,7 +648,8 @@ def test_online_update_flushes_subnormals_like_cuda():
             assert_bitwise_equal(g, w, f"{name} flush_to_zero={flush}")
         delta = device.empty((1, n_out))
         loss, wrong, prediction = device.empty(1), device.empty(1, np.int32), device.empty(1, np.int32)
-        ops_mlp.softmax_xent(device, logits, labels, delta, loss, wrong, prediction)
+        totals = device.zeros(1, np.float64), device.zeros(1, np.int32), device.zeros(1, np.int32)
+        ops_mlp.softmax_xent(device, logits, labels, delta, loss, wrong, prediction, *totals)
         if flush:   # exp(-95) is flushed to 0 before the division
             assert_bitwise_equal(delta, flush_subnormals(softmax["delta"]), "softmax delta, flushed")
         else:
@@ -587,7 +689,7 @@ def test_compiles_with_nvrtc_without_spills(filename, arch):
     log = log.decode() if isinstance(log, bytes) else log
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert spills and not any(spills), f"{filename} ({arch}) spills registers:\n{log}"
-    assert len(re.findall(r"Compiling entry function", log)) == 3, log
+    assert len(re.findall(r"Compiling entry function", log)) == len(ops_mlp.KERNELS[filename]), log
 
 
 def test_preload_finds_every_kernel():

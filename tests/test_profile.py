@@ -15,10 +15,10 @@ from gpumlp.kernel_costs import kernel_parameters, online_bytes_per_image
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
-ONLINE_STEP = ["gather_batch", "layer_forward_mv", "softmax_xent", "backward_update_partial",
-               "backward_reduce", "finish_step"]
-MINIBATCH_STEP = ["gather_batch", "layer_forward_gemm", "softmax_xent", "backprop_delta_gemm",
-                  "sgd_update_gemm", "finish_step"]
+ONLINE_STEP = ["layer_forward_mv_gather", "layer_forward_mv", "softmax_xent", "backward_update_partial",
+               "backward_reduce"]
+MINIBATCH_STEP = ["layer_forward_gemm_gather", "layer_forward_gemm", "softmax_xent", "backprop_delta_gemm",
+                  "sgd_update_gemm"]
 
 
 def run_profile(*args, timeout=300):
@@ -53,10 +53,11 @@ def test_net4_prints_every_kernel_of_the_step(net4):
         assert name in text
     layers = len(nets.PAPER_NETS[4]) + 1
     step = kernels(report)
-    # the trainer's own order: gather, forward per layer, softmax, backward top first, finish
-    assert step == (["gather_batch"] + ["layer_forward_mv"] * layers + ["softmax_xent"]
+    # the trainer's own order: gather+forward, forward per layer, softmax (+ totals), backward top first
+    assert step == (["layer_forward_mv_gather"] + ["layer_forward_mv"] * (layers - 1) + ["softmax_xent"]
                     + ["backward_update_partial", "backward_reduce"] * (layers - 1)
-                    + ["backward_update_partial", "finish_step"])
+                    + ["backward_update_partial"])
+    assert "(18 launches, 1 image; 18 launches per image)" in text
     assert kernels(report, "epoch") == ["deform_images"]
     assert report["missing_cost_models"] == []
     assert all(row["registers"] and row["spill_bytes"] == 0 and row["occupancy"] for row in report["rows"])
@@ -65,9 +66,10 @@ def test_net4_prints_every_kernel_of_the_step(net4):
 def test_net4_forward_bytes_are_the_weight_count_arithmetic(net4):
     _, report = net4
     sizes = nets.layer_sizes(nets.PAPER_NETS[4])
-    forward = sum(row["bytes"] for row in report["rows"] if row["kernel"] == "layer_forward_mv")
-    # every weight and bias read once, every layer's input read and output written once, 4 bytes each
-    assert forward == 4 * (nets.count_weights(sizes) + sum(sizes[:-1]) + sum(sizes[1:]))
+    forward = sum(row["bytes"] for row in report["rows"] if row["kernel"].startswith("layer_forward_mv"))
+    # every weight and bias read once, every layer's input read and output written once, 4 bytes each,
+    # and the first layer's gather: the image copied out, cursor, order entry and label read, label written
+    assert forward == 4 * (nets.count_weights(sizes) + sum(sizes[:-1]) + sum(sizes[1:])) + 4 * (sizes[0] + 4)
     updates = sum(row["bytes"] for row in report["rows"] if row["kernel"] == "backward_update_partial")
     assert updates > 8 * nets.count_weights(sizes)   # W and b read and written, plus the vectors
     assert report["online_bytes_per_image"] == 12 * nets.count_weights(sizes) == online_bytes_per_image(sizes)
@@ -91,7 +93,7 @@ def test_minibatch_profile_uses_the_gemm_kernels(tiny_minibatch):
     assert set(kernels(report)) == set(MINIBATCH_STEP)
     assert report["sizes"] == [841, 32, 10] and report["batch_size"] == 8
     assert report["missing_cost_models"] == []
-    forward = [row for row in report["rows"] if row["kernel"] == "layer_forward_gemm"]
+    forward = [row for row in report["rows"] if row["kernel"].startswith("layer_forward_gemm")]
     assert [row["shape"] for row in forward] == ["8x841 . W 32x841", "8x32 . W 10x32"]
 
 

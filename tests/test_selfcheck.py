@@ -44,7 +44,7 @@ def test_selfcheck_passes_on_the_emulator():
     assert lines[-1].startswith("selfcheck passed: ")
     table = "\n".join(lines)
     for kernel in ("layer_forward_mv", "backward_update_partial", "backward_reduce", "layer_forward_gemm",
-                   "backprop_delta_gemm", "sgd_update_gemm", "softmax_xent", "gather_batch", "finish_step",
+                   "backprop_delta_gemm", "sgd_update_gemm", "softmax_xent", "layer_forward_gemm_gather", "layer_forward_mv_gather",
                    "deform_images", "philox_fill", "training steps"):
         assert kernel in table, kernel
     assert "W 2000x2500" in table and "W 33x37" in table     # paper and small shapes

@@ -98,7 +98,7 @@ def test_a_study_compares_settings_not_the_text_of_the_flags(synthetic_mnist, tm
                    "other settings (hidden [8], not [9])")
     (out / "seed_0" / "config.json").write_text("{}")
     one_error_line(capsys, studies.main(["seeds", "--seeds", "1", "--out", str(out), *TINY]),
-                   "config.json records no settings")
+                   'has no "settings"')
 
 
 STUDY_ON_SYNTHETIC_DIGITS = f"""
