@@ -11,10 +11,12 @@
 #
 # Steps, each under its own timeout (and never past the overall budget, so one hang cannot eat the
 # slot): the environment; the install; the data; `python -m gpumlp.selfcheck`; `pytest -m gpu`; the
-# profiler, timed, for nets 1 and 4; the bench for nets 1 and 4 at batch 1 against PyTorch eager and
-# CUDA-graphed; 2 epochs of net 4 on full MNIST (seconds per epoch); compute-sanitizer memcheck and
-# racecheck on a tiny run where the tool is present. Raw outputs and a markdown summary (the last
-# thing printed) go to $OUT (--out; default bench/acceptance-<gpu>/, ignored by git).
+# profiler for nets 1 and 4 (the graph engine timed, the persistent engine's model); the bench for
+# nets 1 and 4 at batch 1, both engines against PyTorch eager and CUDA-graphed; 2 epochs of net 4 on
+# full MNIST with each engine (seconds per epoch) and whether both end with the same weights_sha256;
+# compute-sanitizer memcheck and racecheck on a tiny run of each engine where the tool is present.
+# Raw outputs and a markdown summary (the last thing printed) go to $OUT (--out; default
+# bench/acceptance-<gpu>/, ignored by git).
 #
 # --emulate: the same sequence at tiny sizes on the CPU emulator (< 3 min, no GPU), skipping what
 # needs a GPU, PyTorch or compute-sanitizer with the reason; tests/test_gpu_acceptance.py runs it.
@@ -57,7 +59,7 @@ fi
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 # the run directories of an earlier acceptance run into the same $OUT (a run refuses a used folder)
-rm -rf "$OUT/run-net4" "$OUT/run-emulated" "$OUT/run-memcheck" "$OUT/run-racecheck"
+rm -rf "$OUT"/run-net4-* "$OUT"/run-emulated-* "$OUT"/run-memcheck-* "$OUT"/run-racecheck-*
 START=$(date +%s)
 
 # record NAME STATUS SECONDS RESULT
@@ -184,6 +186,9 @@ for net in 1 4; do
         result="static only (no GPU to time): $(line_with '^step (' "$LOG")"
     fi
     finish "profile-net$net" "$result"
+    # the persistent engine: the profiler models it (on a GPU the bench and training steps time it)
+    run_step "profile-net$net-persistent" 60 "$PY" -m gpumlp.profile --net "$net" --engine persistent --arch sm_90 \
+        && finish "profile-net$net-persistent" "model: $(line_with '^expected:' "$LOG" | cut -c1-160)"
 done
 
 # -- 7. the bench -------------------------------------------------------------------------------
@@ -218,14 +223,28 @@ if [ "$HAVE_DATA" = no ]; then
     skip train "no MNIST in $DATA"
 else
     if [ "$MODE" = gpu ]; then
-        run_step train-net4 180 "$PY" reproduce_2010.py --net 4 --epochs 2 --device cuda --checkpoint-every 1 \
-            --data-dir "$DATA" --out "$OUT/run-net4" && finish train-net4 \
-            "$(epochs_line "$OUT/run-net4" || echo "no metrics: see $LOG")"
+        RUN_PREFIX=run-net4
+        for engine in graph persistent; do
+            run_step "train-net4-$engine" 150 "$PY" reproduce_2010.py --net 4 --epochs 2 --device cuda \
+                --engine "$engine" --checkpoint-every 1 --data-dir "$DATA" --out "$OUT/run-net4-$engine" \
+                && finish "train-net4-$engine" "$(epochs_line "$OUT/run-net4-$engine" || echo "no metrics: see $LOG")"
+        done
     else
-        run_step train-emulated 120 "$PY" reproduce_2010.py --device emulate --hidden 16 --train-images 256 \
-            --test-images 256 --epochs 2 --checkpoint-every 1 --data-dir "$DATA" --out "$OUT/run-emulated" \
-            && finish train-emulated \
-            "841-16-10 on 256 digits (net 4 needs a GPU): $(epochs_line "$OUT/run-emulated" || echo "no metrics: see $LOG")"
+        RUN_PREFIX=run-emulated
+        for engine in graph persistent; do
+            run_step "train-emulated-$engine" 90 "$PY" reproduce_2010.py --device emulate --engine "$engine" \
+                --hidden 16 --train-images 256 --test-images 256 --epochs 2 --checkpoint-every 1 --data-dir "$DATA" \
+                --out "$OUT/run-emulated-$engine" && finish "train-emulated-$engine" \
+                "841-16-10 on 256 digits (net 4 needs a GPU): $(epochs_line "$OUT/run-emulated-$engine" || echo "no metrics: see $LOG")"
+        done
+    fi
+    # both engines must end with the same weights, bit for bit
+    if run_step engines-agree 10 "$PY" -c '
+import json, sys
+shas = [json.load(open(f"{sys.argv[1]}-{engine}/summary.json"))["weights_sha256"] for engine in ("graph", "persistent")]
+print(f"the same weights_sha256 {shas[0][:16]}..." if shas[0] == shas[1] else f"DIFFERENT: graph {shas[0][:16]}..., persistent {shas[1][:16]}...")
+sys.exit(shas[0] != shas[1])' "$OUT/$RUN_PREFIX"; then
+        finish engines-agree "$(last_line "$LOG")"
     fi
 fi
 
@@ -244,10 +263,13 @@ for tool in memcheck racecheck; do
         skip "sanitizer-$tool" "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"
     elif [ "$HAVE_DATA" = no ]; then
         skip "sanitizer-$tool" "no MNIST in $DATA"
-    elif run_step "sanitizer-$tool" 120 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-            "$PY" -c "$UNPOOLED_REPRODUCE" --device cuda --hidden 16 --train-images 64 --test-images 64 --epochs 1 \
-            --graph-steps 8 --skip-selfcheck --data-dir "$DATA" --out "$OUT/run-$tool"; then
-        finish "sanitizer-$tool" "$(line_with 'ERROR SUMMARY' "$LOG")"
+    else
+        for engine in graph persistent; do
+            run_step "sanitizer-$tool-$engine" 90 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+                "$PY" -c "$UNPOOLED_REPRODUCE" --device cuda --engine "$engine" --hidden 16 --train-images 64 \
+                --test-images 64 --epochs 1 --graph-steps 8 --skip-selfcheck --data-dir "$DATA" \
+                --out "$OUT/run-$tool-$engine" && finish "sanitizer-$tool-$engine" "$(line_with 'ERROR SUMMARY' "$LOG")"
+        done
     fi
 done
 

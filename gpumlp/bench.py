@@ -7,7 +7,8 @@ profiler): N training images, one net, plain SGD with a fixed learning rate, bat
 (gpumlp.nets.init_params) and sees the images in the same order, so their mean losses over the last
 pass must agree roughly; the run checks that, as proof that the rows measure the same recipe.
 
-On a GPU: gpumlp's hand-written kernels (DeviceTrainer) against a PyTorch `nn.Linear` stack run
+On a GPU: gpumlp's hand-written kernels (DeviceTrainer replaying CUDA graphs, and at batch size 1
+also PersistentTrainer's cooperative kernel: --engine) against a PyTorch `nn.Linear` stack run
 eagerly and with the whole step captured in a CUDA graph, all with the data already on the GPU.
 On the CPU: gpumlp's numpy path (CpuTrainer) against PyTorch eager on the CPU.
 """
@@ -205,14 +206,20 @@ class GpumlpCpu:
         pass
 
 
+ENGINE_ROWS = {"graph": "gpumlp (hand-written kernels, CUDA graphs)",
+               "persistent": "gpumlp (persistent kernel, cooperative launches)"}
+
+
 class GpumlpCuda(GpumlpCpu):
-    """DeviceTrainer: the images uploaded once, steps replayed from captured CUDA graphs. Its
+    """DeviceTrainer (engine "graph"): the images uploaded once, steps replayed from captured CUDA
+    graphs; or PersistentTrainer ("persistent"): a cooperative launch per chunk of images. Its
     train_epoch synchronises and reads the loss back, like TorchEager.run_pass. The graphs are
     captured once, here, outside the timing, as TorchCudaGraph captures its own."""
 
-    def __init__(self, workload: Workload, batch_size: int, device):
+    def __init__(self, workload: Workload, batch_size: int, device, engine: str = "graph"):
         from gpumlp.config import TrainConfig
         from gpumlp.train_gpu import DeviceTrainer
+        from gpumlp.train_persistent import PersistentTrainer
         from gpumlp.training import Split
         self.workload = workload
         self.device = device
@@ -224,9 +231,11 @@ class GpumlpCuda(GpumlpCpu):
         images, labels = workload.images[:n], workload.labels[:n]
         no_images = np.zeros((0, workload.sizes[0]), np.float32)
         split = Split(images, labels, images, labels, no_images, np.zeros(0, np.int32))
-        self.trainer = DeviceTrainer(device, nets.init_params(workload.sizes, workload.seed), split,
+        trainer_class = PersistentTrainer if engine == "persistent" else DeviceTrainer
+        self.trainer = trainer_class(device, nets.init_params(workload.sizes, workload.seed), split,
                                      config, log=lambda message: print(message, file=sys.stderr))
-        self.trainer.capture_graphs(n)
+        if engine == "graph":
+            self.trainer.capture_graphs(n)
 
     def synchronize(self) -> None:
         self.device.synchronize()
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initial weights and image order (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): the GPU if there is one, else the CPU")
+    p.add_argument("--engine", nargs="+", choices=tuple(ENGINE_ROWS), default=list(ENGINE_ROWS), metavar="ENGINE",
+                   help="on a GPU, gpumlp's online engines to time: graph, persistent (batch size 1 only) or "
+                        "both (default both)")
     p.add_argument("--synthetic", action="store_true", help="random images of MNIST's shape instead of MNIST")
     p.add_argument("--data-dir", help="MNIST directory (default ../shared/mnist if present, else "
                                       "$GPUMLP_DATA or ~/.cache/gpumlp, downloaded there when missing)")
@@ -288,6 +300,8 @@ def check_args(args) -> None:
     checks = [
         (not args.hidden or all(h > 0 for h in args.hidden), "--hidden sizes must be positive"),
         (all(b >= 1 for b in args.batch_size), "--batch-size must be at least 1"),
+        ("graph" in args.engine or args.batch_size == [1] * len(args.batch_size),
+         "--engine persistent trains batch size 1 only: add graph to --engine for larger batches"),
         (args.images is None or args.images >= max(args.batch_size),
          "--images must be at least the largest --batch-size"),
         (args.repeats >= 1, "--repeats must be at least 1"),
@@ -472,8 +486,8 @@ def run(args, argv) -> int:
     results = []
     for B in args.batch_size:
         if device_kind == "cuda":
-            plan = [("gpumlp (hand-written kernels, CUDA graphs)", gpu_name,
-                     functools.partial(GpumlpCuda, workload, B, device))]
+            plan = [(ENGINE_ROWS[engine], gpu_name, functools.partial(GpumlpCuda, workload, B, device, engine))
+                    for engine in dict.fromkeys(args.engine) if engine == "graph" or B == 1]
             if torch:
                 plan += [(EAGER, gpu_name, functools.partial(TorchEager, workload, B, "cuda")),
                          ("PyTorch + CUDA graph (whole step)", gpu_name,

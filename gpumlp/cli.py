@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "emulate: the GPU code path on the CPU emulator (slow; for testing)")
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
+    run.add_argument("--engine", choices=("auto", "graph", "persistent"), default="auto",
+                     help="online training on a device: graph replays ~18 launches per image (net 4) from CUDA "
+                          "graphs; persistent trains many images per cooperative launch, each block's "
+                          "weights on chip where they fit; auto takes persistent where the device and the net "
+                          "allow it (both give the same weights, bit for bit); on --resume, the run's engine "
+                          "unless given")
     run.add_argument("--skip-selfcheck", action="store_true",
                      help="on a GPU, train without first checking the kernels against the reference "
                           "(the quick part of python -m gpumlp.selfcheck, a few seconds)")
@@ -197,11 +203,13 @@ def run(args, argv, parser, transcript) -> int:
     try:
         with stop_signals.held():  # a stop while the directory is made takes effect once it is whole
             if args.resume:
-                run_dir.update_config({name: getattr(config, name) for name in RESUMABLE})
+                run_dir.update_config({name: getattr(config, name) for name in RESUMABLE},
+                                      {"engine": getattr(trainer, "engine", None)})
             else:
                 run_dir.create({"settings": config.to_dict(), "sizes": config.sizes,
                                 "weights": nets.count_weights(config.sizes), "code_version": code_version(),
-                                "device": trainer.device_name, "command": ["reproduce_2010.py", *argv],
+                                "device": trainer.device_name, "engine": getattr(trainer, "engine", None),
+                                "command": ["reproduce_2010.py", *argv],
                                 "train_images": len(split.train_labels), "val_images": len(split.val_labels),
                                 "test_images": len(split.test_labels),
                                 "blas_threads": getattr(trainer, "blas_threads", None)}, trainer.get_state())
@@ -253,6 +261,8 @@ def resumed_config(run_dir, args, given: set[str], parser) -> TrainConfig:
     for name in RESUMABLE:
         if name in given:
             setattr(config, name, getattr(args, name))
+    if "engine" not in given and saved.get("engine") and config.device != "cpu":
+        config.engine = saved["engine"]   # the engine the run trained with, not auto's choice made anew
     if "data_dir" not in given and os.environ.get(DATA_DIR_ENV):
         config.data_dir = os.environ[DATA_DIR_ENV]
     config.data_dir = os.path.abspath(resolve_data_dir(config.data_dir))
@@ -288,6 +298,7 @@ def header_facts(config: TrainConfig, split, trainer, run_dir) -> dict:
                   f"{len(split.val_labels):,} validation ({validation}), {len(split.test_labels):,} test; "
                   f"from {config.data_dir}",
         "device": trainer.device_name,
+        **({"engine": f"{trainer.engine} ({trainer.engine_reason})"} if hasattr(trainer, "engine") else {}),
         "BLAS threads": getattr(trainer, "threads_note", "none used (the arithmetic runs on the device)"),
         "run directory": str(run_dir.path),
     }
@@ -331,9 +342,17 @@ def check_host_memory(config: TrainConfig, device) -> None:
 def make_trainer(config: TrainConfig, split, device, log):
     params = nets.init_params(config.sizes, config.seed)
     if device is None:
+        if config.engine == "persistent":
+            raise UserError("--engine persistent needs a device (--device cuda or emulate), "
+                            "but the run is on the CPU reference")
         from gpumlp.train_cpu import CpuTrainer
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
                           config.momentum, config.deform_config(), config.seed,
                           threads=config.threads, last_epoch=config.epochs)
     from gpumlp.train_gpu import DeviceTrainer
-    return DeviceTrainer(device, params, split, config, log)
+    from gpumlp.train_persistent import PersistentTrainer, choose_engine
+    engine, why = choose_engine(config.engine, device, config.sizes, config.batch_size)
+    trainer_class = PersistentTrainer if engine == "persistent" else DeviceTrainer
+    trainer = trainer_class(device, params, split, config, log)
+    trainer.engine_reason = why
+    return trainer

@@ -124,9 +124,25 @@ class Device:
             return
         kernel(grid, block, tuple(args), shared_mem=int(shared_mem))
 
+    # -- cooperative launches (the persistent engine) -----------------------------------------
+    def cooperative_kernel(self, filename: str, kernel_name: str):
+        """The kernel, loaded so that it can be launched cooperatively."""
+        return self.kernel(filename, kernel_name)
+
+    @staticmethod
+    def allow_dynamic_shared(kernel, shared_mem: int) -> None:
+        """The opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize; CuPy's and the emulator's
+        max_dynamic_shared_size_bytes) that a launch with more than 48 KiB of shared memory needs."""
+        if kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = int(shared_mem)
+
     # -- memory ----------------------------------------------------------------------------------
     def asarray(self, host_array, dtype=None):
         return self.xp.asarray(np.ascontiguousarray(host_array, dtype=dtype))
+
+    def address(self, array) -> int:
+        """The device address of an array's data, for tables of pointers a kernel reads."""
+        return int(array.ctypes.data)
 
     def to_host(self, array) -> np.ndarray:
         """An independent host copy (later launches never change it)."""
@@ -148,6 +164,9 @@ class Device:
 
     def describe(self) -> dict:
         return {"name": self.name, "emulated": self.is_emulated}
+
+    def supports_cooperative_launch(self) -> bool:
+        return self.is_emulated
 
 
 class Graph:
@@ -176,7 +195,7 @@ class EmulatedDevice(Device):
     tests), flush_to_zero (as CuPy compiles), the GPU's launch limits, and initcheck:
     `empty` returns NaN (floats) or 0xA5 bytes (other types), so a kernel that reads what nothing
     wrote shows. poison_shared, reverse_threads, block_order and compare_block_orders are the
-    emulator's race finders (off by default)."""
+    emulator's race finders (off by default); block_order_seed seeds the "random" order."""
 
     name = "CUDA emulator on the CPU"
     is_emulated = True
@@ -187,11 +206,11 @@ class EmulatedDevice(Device):
 
     def __init__(self, poison_shared: bool = False, reverse_threads: bool = False, memcheck: bool = True,
                  initcheck: bool = True, flush_to_zero: bool = True, block_order: str = "launch",
-                 compare_block_orders: bool = False):
+                 compare_block_orders: bool = False, block_order_seed: int = 0):
         super().__init__()
         self.checks = dict(poison_shared=poison_shared, reverse_threads=reverse_threads, memcheck=memcheck,
                            flush_to_zero=flush_to_zero, block_order=block_order,
-                           compare_block_orders=compare_block_orders)
+                           compare_block_orders=compare_block_orders, block_order_seed=block_order_seed)
         self.initcheck = initcheck
 
     def _load_module(self, filename):
@@ -225,6 +244,26 @@ class EmulatedDevice(Device):
             else:
                 array.view(np.uint8).fill(self.POISON_BYTE)
         return array
+
+    def resident_blocks(self, kernel, threads: int, shared_mem: int) -> int:
+        """The largest cooperative grid: the nominal device's occupancy rule (registers unknown
+        here, so not counted), and no more threads than the emulator runs at once; 0 where the
+        shared memory is more than a block may opt in to."""
+        from gpumlp.emulator import EmulatorError, cooperative
+        try:
+            self.allow_dynamic_shared(kernel, shared_mem)
+        except EmulatorError:
+            return 0
+        shared = kernel.module.static_shared_bytes(kernel.name) + int(shared_mem)
+        return min(cooperative.resident_block_limit(threads, 0, shared), cooperative.MAX_THREADS // threads)
+
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
+        """Every block resident at once, the blocks in the device's block order between grid
+        barriers; `indirect`: the arrays the kernel reaches through addresses in its arguments,
+        which memcheck and compare_block_orders then cover too (gpumlp.emulator)."""
+        check_kernel_args(kernel.name, args)
+        self.allow_dynamic_shared(kernel, shared_mem)
+        kernel.launch_cooperative(grid, block, tuple(args), shared_mem=int(shared_mem), indirect=indirect)
 
     @contextmanager
     def capture(self):
@@ -284,6 +323,40 @@ class CudaDevice(Device):
 
     def on_stream(self):
         return self.stream
+
+    # Unverified: no line of the cooperative path has run on a GPU.
+    def cooperative_kernel(self, filename: str, kernel_name: str):
+        """A RawKernel of a module compiled with enable_cooperative_groups, which CuPy launches
+        with cuLaunchCooperativeKernel."""
+        key = ("cooperative", filename, kernel_name)
+        if key not in self._kernels:
+            module = self.cupy.RawModule(code=cuda_module_source(filename), options=cuda_compile_options(),
+                                         enable_cooperative_groups=True)
+            self._kernels[key] = module.get_function(kernel_name)
+        return self._kernels[key]
+
+    def supports_cooperative_launch(self) -> bool:
+        runtime = self.cupy.cuda.runtime
+        return bool(runtime.deviceGetAttribute(runtime.cudaDevAttrCooperativeLaunch, self.cupy.cuda.Device().id))
+
+    def resident_blocks(self, kernel, threads: int, shared_mem: int) -> int:
+        """The largest cooperative grid: resident blocks per SM from the occupancy API x SMs."""
+        from cupy_backends.cuda.api import driver
+        try:
+            self.allow_dynamic_shared(kernel, shared_mem)
+        except driver.CUDADriverError:   # more than a block may opt in to: nothing is resident
+            return 0
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
+        return int(per_sm) * int(self.properties["multiProcessorCount"])
+
+    def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
+        check_kernel_args(getattr(kernel, "name", "kernel"), args)
+        self.allow_dynamic_shared(kernel, shared_mem)
+        kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(args),
+               shared_mem=int(shared_mem), stream=self.stream)
+
+    def address(self, array) -> int:
+        return int(array.data.ptr)
 
     def asarray(self, host_array, dtype=None):
         """A device array of its own, filled from `host_array` by a copy queued on our stream.

@@ -598,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images in the profiled epoch on a GPU (the deformation's batch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the report as JSON to PATH, or alone to stdout without PATH")
+    p.add_argument("--engine", choices=("graph", "persistent"), default="graph",
+                   help="graph: the launches of one step (above); persistent: the model of the persistent "
+                        "kernel (bytes on chip, in L2 and HBM, grid-wide syncs, expected time per image)")
     p.add_argument("--paper-table", action="store_true",
                    help="print the bandwidth bounds of the paper's five nets beside its training times, and exit")
     return p
@@ -625,6 +628,12 @@ def main(argv=None) -> int:
             parser.error(message)
     if args.arch and arch_number(args.arch) < min(ARCH_LIMITS):
         parser.error(f"--arch must be sm_{min(ARCH_LIMITS)} or newer, got {args.arch}")
+    if args.engine == "persistent":
+        from gpumlp import persistent_model
+        if args.batch_size != 1:
+            parser.error("--engine persistent trains online: --batch-size must be 1")
+        print(persistent_model.render(persistent_model.model(sizes, args.arch or DEFAULT_ARCH, args.momentum != 0)))
+        return 0
     timed = not args.static and gpu_available()
     if timed and args.arch:
         parser.error("--arch applies to the static profile: with a GPU, add --static or leave --arch out")

@@ -179,10 +179,12 @@ class RunDir:
             raise RunDirError(f"{self.path} is not a run directory (no config.json)")
         return read_config(self.path / "config.json")
 
-    def update_config(self, changes: dict) -> None:
-        """Records settings a resume changed (a longer plan, another device...) in config.json."""
+    def update_config(self, changes: dict, facts: dict | None = None) -> None:
+        """Records settings a resume changed (a longer plan, another device...) in config.json, and
+        `facts` of the resumed run beside them (the engine it trains with)."""
         config = self.load_config()
         config["settings"] = {**config["settings"], **changes}
+        config.update(facts or {})
         atomic_write_json(self.path / "config.json", config)
 
     def log_path(self) -> Path:

@@ -27,6 +27,8 @@ class DeviceMemoryError(UserError):
 
 
 class DeviceTrainer:
+    engine = "graph"
+
     def __init__(self, device, params, split, config, log=print):
         self.device = device
         self.config = config
@@ -159,7 +161,9 @@ class DeviceTrainer:
         for steps, B, _ in self.epoch_plan(n_samples):
             self.graph(steps, B)
 
-    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
+    def begin_epoch(self, epoch: int, lr: float, order: np.ndarray) -> None:
+        """The epoch's deformed images, its order, the cursor and totals set to zero and its
+        learning rate, all queued before the epoch's training launches."""
         d = self.device
         if self.deform_config is not None:
             ops_deform.deform_images(d, self.train_images, self.train_labels, None, self.epoch_images,
@@ -170,6 +174,17 @@ class DeviceTrainer:
             self.loss_total.fill(0)
             self.wrong_total.fill(0)
         self.hyper.set_lr(lr)
+
+    def epoch_totals(self, n_images: int) -> tuple[float, float]:
+        """(mean loss, error rate) of the epoch just trained, from the device totals."""
+        d = self.device
+        d.synchronize()
+        loss = float(d.to_host(self.loss_total)[0]) / n_images
+        wrong = int(d.to_host(self.wrong_total)[0])
+        return loss, wrong / n_images
+
+    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
+        self.begin_epoch(epoch, lr, order)
         done = 0
         for steps, B, replays in self.epoch_plan(len(order)):
             graph = self.graph(steps, B)
@@ -178,10 +193,7 @@ class DeviceTrainer:
                 done += steps * B
                 if progress is not None:
                     progress(done)
-        d.synchronize()
-        loss = float(d.to_host(self.loss_total)[0]) / len(order)
-        wrong = int(d.to_host(self.wrong_total)[0])
-        return loss, wrong / len(order)
+        return self.epoch_totals(len(order))
 
     # -- evaluation ------------------------------------------------------------------------------
     def device_images(self, images: np.ndarray):

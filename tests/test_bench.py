@@ -90,6 +90,7 @@ def test_without_torch_gpumlp_is_reported_alone(tmp_path, monkeypatch, capsys):
     (["--batch-size", "128"], "--images"),
     (["--lr", "0"], "--lr"),
     (["--hidden", "-3"], "--hidden"),
+    (["--engine", "persistent", "--batch-size", "1", "4"], "--engine"),
 ])
 def test_bad_flag_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
     code, _ = run_bench(tmp_path, *args)
@@ -114,14 +115,15 @@ def test_losses_that_disagree_are_flagged():
     assert not agree and "WARNING" in notes[0]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_gpu_side_wiring_matches_the_numpy_side_on_the_emulator(batch_size):
-    """GpumlpCuda drives DeviceTrainer exactly as on a GPU; on the emulator it must train like the
-    numpy side, including a batch size that leaves images out of each pass (10 = 2 x 4 + 2)."""
+@pytest.mark.parametrize("batch_size,engine", [(1, "graph"), (4, "graph"), (1, "persistent")])
+def test_gpu_side_wiring_matches_the_numpy_side_on_the_emulator(batch_size, engine):
+    """GpumlpCuda drives DeviceTrainer (or PersistentTrainer) exactly as on a GPU; on the emulator
+    it must train like the numpy side, including a batch size that leaves images out of each pass
+    (10 = 2 x 4 + 2)."""
     from gpumlp.device import EmulatedDevice
     images, labels = bench.synthetic_images(10, seed=0)
     workload = bench.Workload(nets.layer_sizes([16]), images, labels, "synthetic", lr=0.01, seed=0, repeats=1)
-    on_device = bench.GpumlpCuda(workload, batch_size, EmulatedDevice())
+    on_device = bench.GpumlpCuda(workload, batch_size, EmulatedDevice(), engine)
     on_cpu = bench.GpumlpCpu(workload, batch_size)
     for pass_index in range(2):
         order = workload.order(pass_index, batch_size)
@@ -138,9 +140,9 @@ def test_gpu_bench_writes_all_three_rows(tmp_path):
     code, report = run_bench(tmp_path, "--device", "cuda", "--batch-size", "1", "4", "--require-torch")
     assert code == 0
     implementations = [row[0] for row in table_rows(report)]
-    assert implementations == ["gpumlp (hand-written kernels, CUDA graphs)", bench.EAGER,
-                               "PyTorch + CUDA graph (whole step)"] * 2
-    assert report.count("(agree: the same recipe)") == 4
+    torch_rows = [bench.EAGER, "PyTorch + CUDA graph (whole step)"]
+    assert implementations == [*bench.ENGINE_ROWS.values(), *torch_rows, bench.ENGINE_ROWS["graph"], *torch_rows]
+    assert report.count("(agree: the same recipe)") == 5
 
 
 def test_default_report_goes_to_the_current_directory(tmp_path, monkeypatch, capsys):

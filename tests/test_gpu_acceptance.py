@@ -36,17 +36,21 @@ def test_emulated_acceptance_run_passes_and_prints_its_summary_last(tmp_path):
     summary = (out / "summary.md").read_text()
     assert done.stdout.endswith(summary) and summary.strip().splitlines()[-1].startswith("verdict: PASSED")
     table = steps(summary)
-    for name in ("environment", "selfcheck", "pytest-gpu", "profile-net1", "profile-net4", "bench-cpu"):
+    for name in ("environment", "selfcheck", "pytest-gpu", "profile-net1", "profile-net4", "profile-net1-persistent",
+                 "profile-net4-persistent", "bench-cpu"):
         assert table[name][0] == "pass", (name, table[name])
         assert (out / f"{name}.log").is_file(), name
     assert table["selfcheck"][1].startswith("selfcheck passed")
     assert "skipped" in table["pytest-gpu"][1]
     assert "148.098 MB" in table["profile-net4"][1]          # net 4's step, from the cost model
+    assert table["profile-net4-persistent"][1].startswith("model: expected: ")
     for name in ("bench-net1-net4", "sanitizer-memcheck", "sanitizer-racecheck"):
         assert table[name][0] == "skipped" and "needs a GPU" in table[name][1], (name, table[name])
     if SHARED_MNIST_DIR.is_dir():
-        assert table["train-emulated"][0] == "pass", table["train-emulated"]
-        assert "2 epochs, seconds per epoch" in table["train-emulated"][1]
+        for engine in ("graph", "persistent"):
+            assert table[f"train-emulated-{engine}"][0] == "pass", table[f"train-emulated-{engine}"]
+            assert "2 epochs, seconds per epoch" in table[f"train-emulated-{engine}"][1]
+        assert table["engines-agree"][0] == "pass" and "the same weights_sha256" in table["engines-agree"][1]
     else:
         assert table["data"][0] == "skipped"
 

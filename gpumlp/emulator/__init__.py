@@ -15,6 +15,12 @@ Checks, set per Module (and changeable between launches):
   * poison_shared (shared memory filled with NaN bytes before each block) and reverse_threads
     (threads of a block run last to first) make missing barriers show up as wrong results.
 Deadlocks and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
+`Kernel.launch_cooperative` runs a cooperative launch: every block resident at once, with
+`cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py),
+under the same checks; its block order applies anew between every two grid barriers. Arrays the
+kernel reaches through addresses (not arguments) are named in `indirect`: memcheck requires them
+to be guarded_empty arrays (their guard pages fault wherever the address came from) and
+compare_block_orders restores and compares them like the arguments.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ __all__ = ["load_module", "load_module_source", "guarded_empty", "EmulatorError"
            "Kernel"]
 
 _MESSAGE_BYTES = 2048
-_POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK = 1, 2, 4, 8
+_POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK, _COOPERATIVE = 1, 2, 4, 8, 16
 _DIMENSIONS = struct.Struct("<6I")
 BLOCK_ORDERS = ("launch", "reverse", "random")   # scheduler.c enum block_order, in this order
 
@@ -67,6 +73,8 @@ def _runtime():
         library.gpumlp_guarded_allocate.argtypes = [ctypes.c_size_t]
         library.gpumlp_guarded_free.restype = None
         library.gpumlp_guarded_free.argtypes = [ctypes.c_void_p]
+        library.gpumlp_guarded_holds.restype = ctypes.c_int
+        library.gpumlp_guarded_holds.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _runtime_library = library
     return _runtime_library
 
@@ -150,17 +158,52 @@ class Kernel:
         grid, block = _dimensions(grid, "grid"), _dimensions(block, "block")
         shared_mem = int(shared_mem)
         self._check_limits(grid, block, shared_mem)
+        self._run(grid, block, args, shared_mem, cooperative=False, indirect=())
+
+    def launch_cooperative(self, grid, block, args, shared_mem: int = 0, registers_per_thread: int = 0,
+                           indirect=()) -> None:
+        """A cooperative launch (cudaLaunchCooperativeKernel): every block resident at once, so
+        that cooperative_groups::this_grid().sync() is a grid-wide barrier. A grid larger than the
+        nominal device can hold resident is refused, as a GPU refuses it. The module's block order
+        is the order in which the blocks run between two grid barriers ("random": drawn anew for
+        each); comparing orders finds a missing grid barrier. `indirect`: the arrays the kernel
+        reaches through addresses (see the package docstring)."""
+        from gpumlp.emulator import cooperative
+        grid, block = _dimensions(grid, "grid"), _dimensions(block, "block")
+        shared_mem = int(shared_mem)
+        self._check_limits(grid, block, shared_mem)
+        blocks, threads = grid[0] * grid[1] * grid[2], block[0] * block[1] * block[2]
+        shared = self.module.static_shared_bytes(self.name) + shared_mem
+        limit = cooperative.resident_block_limit(threads, int(registers_per_thread), shared)
+        if blocks > limit:
+            device = cooperative.NOMINAL_DEVICE
+            raise EmulatorError(
+                f"kernel '{self.name}': a cooperative launch of {blocks} blocks is too large: at most {limit} "
+                f"blocks of {threads} threads ({registers_per_thread} registers each, {shared} bytes of shared "
+                f"memory) are resident on the {device.name}, {device.sm_count} SMs ({device.arch} limits)")
+        indirect = tuple(indirect)
+        if self.module.memcheck:
+            for index, array in enumerate(indirect):
+                if not _runtime().gpumlp_guarded_holds(array.ctypes.data, array.nbytes):
+                    raise EmulatorError(f"kernel '{self.name}': indirect array {index} ({array.dtype}, shape "
+                                        f"{array.shape}) is not a guarded array: memcheck could not see the "
+                                        f"kernel's accesses to it (allocate it with guarded_empty)")
+        self._run(grid, block, args, shared_mem, cooperative=True, indirect=indirect)
+
+    def _run(self, grid, block, args, shared_mem: int, cooperative: bool, indirect) -> None:
         slots = self._packer.pack(args)
         module = self.module
         if not module.compare_block_orders:
-            self._launch(grid, block, slots, args, shared_mem, module.block_order)
+            self._launch(grid, block, slots, args, shared_mem, module.block_order, cooperative)
             return
-        self._launch_in_every_block_order(grid, block, slots, args, shared_mem)
+        self._launch_in_every_block_order(grid, block, slots, args, shared_mem, cooperative, indirect)
 
-    def _launch(self, grid, block, slots: bytes, args, shared_mem: int, block_order: str) -> None:
+    def _launch(self, grid, block, slots: bytes, args, shared_mem: int, block_order: str,
+                cooperative: bool = False) -> None:
         module = self.module
         flags = ((_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
-                 | (_FLUSH_TO_ZERO if module.flush_to_zero else 0) | (_MEMCHECK if module.memcheck else 0))
+                 | (_FLUSH_TO_ZERO if module.flush_to_zero else 0) | (_MEMCHECK if module.memcheck else 0)
+                 | (_COOPERATIVE if cooperative else 0))
         extents = self._packer.extents(args) if module.memcheck else None
         module.launches += 1
         seed = (module.block_order_seed * 0x9E3779B97F4A7C15 + module.launches) % 2**64
@@ -170,19 +213,23 @@ class Kernel:
             raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
                                 f"{module.message_buffer.value.decode(errors='replace')}")
 
-    def _launch_in_every_block_order(self, grid, block, slots: bytes, args, shared_mem: int) -> None:
-        """Runs the launch in each block order from the same inputs; the arrays must end equal bit for
-        bit (they then hold that common result), else the result depends on the order of blocks."""
+    def _launch_in_every_block_order(self, grid, block, slots: bytes, args, shared_mem: int,
+                                     cooperative: bool = False, indirect=()) -> None:
+        """Runs the launch in each block order from the same inputs; the arrays (arguments and
+        `indirect` ones) must end equal bit for bit (they then hold that common result), else the
+        result depends on the order of blocks."""
         arrays = {}
         for parameter, value in zip(self._packer.parameters, args):
             if parameter.is_pointer:
                 arrays.setdefault(id(value), (parameter.name, value))
+        for index, array in enumerate(indirect):
+            arrays.setdefault(id(array), (f"indirect array {index}", array))
         inputs = {key: array.copy() for key, (_, array) in arrays.items()}
         results = {}
         for order in BLOCK_ORDERS:
             for key, (_, array) in arrays.items():
                 np.copyto(array, inputs[key])
-            self._launch(grid, block, slots, args, shared_mem, order)
+            self._launch(grid, block, slots, args, shared_mem, order, cooperative)
             results[order] = {key: array.copy() for key, (_, array) in arrays.items()}
         first = BLOCK_ORDERS[0]
         for order in BLOCK_ORDERS[1:]:

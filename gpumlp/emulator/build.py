@@ -21,6 +21,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 COMPAT_HEADER = PACKAGE_DIR / "cuda_compat.h"
 LAUNCH_GLUE_HEADER = PACKAGE_DIR / "launch_glue.h"
 SCHEDULER_SOURCE = PACKAGE_DIR / "scheduler.c"
+# Headers of the CUDA toolkit that kernels include (<cooperative_groups.h>), standing in for them.
+COMPAT_INCLUDE_DIR = PACKAGE_DIR / "include"
 
 # -fvisibility=hidden keeps __device__/__constant__ variables of different modules apart;
 # -ffp-contract=off keeps a*b+c two roundings, as the CUDA kernels are written to be compared;
@@ -233,6 +235,6 @@ def build_module(source: str, name: str, include_dirs, source_dir: Path | None) 
     with tempfile.TemporaryDirectory(prefix="gpumlp-emulator-") as scratch:
         unit_path = Path(scratch) / f"{name}.cu"
         unit_path.write_text(unit)
-        _compile(["g++", *COMPILE_FLAGS, "-include", str(COMPAT_HEADER), *include_flags, "-x", "c++", str(unit_path)],
+        _compile(["g++", *COMPILE_FLAGS, "-include", str(COMPAT_HEADER), "-isystem", str(COMPAT_INCLUDE_DIR), *include_flags, "-x", "c++", str(unit_path)],
                  library, origin)
     return library, kernels, True

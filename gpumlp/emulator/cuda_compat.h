@@ -106,6 +106,24 @@ static constexpr int warpSize = 32;
 #define __syncthreads_and(p) gpumlp_barrier(__LINE__, GPUMLP_BARRIER_AND, (p))
 #define __syncthreads_or(p) gpumlp_barrier(__LINE__, GPUMLP_BARRIER_OR, (p))
 
+// ---- cooperative groups: the grid of a cooperative launch ---------------------------------------
+// The names of CUDA's <cooperative_groups.h> that the kernels use. this_grid().sync() is a barrier
+// of every thread of the grid; the scheduler refuses it outside a cooperative launch. The default
+// argument records the caller's line for deadlock reports.
+extern "C" GPUMLP_EXPORT void gpumlp_grid_sync(int line);
+namespace cooperative_groups {
+struct grid_group {
+    void sync(int line = __builtin_LINE()) const { gpumlp_grid_sync(line); }
+    unsigned long long num_threads() const {
+        return (unsigned long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x * blockDim.y * blockDim.z;
+    }
+    unsigned long long num_blocks() const { return (unsigned long long)gridDim.x * gridDim.y * gridDim.z; }
+    unsigned long long block_rank() const { return blockIdx.x + gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z); }
+    bool is_valid() const { return true; }
+};
+static inline grid_group this_grid() { return grid_group(); }
+}  // namespace cooperative_groups
+
 // ---- warp operations ---------------------------------------------------------------------------
 template <class T>
 static inline unsigned long long gpumlp_to_bits(T value) {
@@ -194,6 +212,8 @@ static inline void __trap() { __builtin_trap(); }
 
 template <class T>
 static inline T __ldg(const T *address) { return *address; }
+template <class T>
+static inline T __ldcg(const T *address) { return *address; }
 
 // ---- math --------------------------------------------------------------------------------------
 // glibc declares these names itself (as internal aliases), so they can only be macros here.

@@ -9,7 +9,8 @@
 // threads run last to first, blocks run in launch order, reversed or in a seeded random order,
 // subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
 // argument is copied between guard pages for the launch, so an access past either end faults and
-// is reported with the argument and the element index.
+// is reported with the argument and the element index. A cooperative launch (flag COOPERATIVE)
+// keeps every block resident, with this_grid().sync() as a grid-wide barrier.
 #include "cuda_compat.h"
 
 #include <pthread.h>
@@ -25,7 +26,7 @@
 #endif
 
 enum { MAX_THREADS = 1024, STACK_BYTES = 256 * 1024 };
-enum fiber_state { RUNNABLE, AT_BARRIER, AT_WARP_OP, EXITED };
+enum fiber_state { RUNNABLE, AT_BARRIER, AT_WARP_OP, EXITED, AT_GRID_BARRIER };
 
 // ---- context switching -------------------------------------------------------------------------
 #if defined(__x86_64__) && !defined(GPUMLP_FORCE_UCONTEXT)
@@ -132,6 +133,16 @@ static struct {
 } S;
 
 
+// A cooperative launch (the COOPERATIVE flag of gpumlp_launch; run_grid_cooperatively, at the end of
+// this file): every block's fibers live at once. The running block runs until each of its threads
+// waits at the grid barrier or has exited, then the next block runs; when every block waits, all
+// are released.
+static struct {
+    int requested;        // the launch in progress is cooperative
+    int active;           // its blocks are running (this_grid().sync() is allowed)
+    int parked;           // threads of the running block waiting at the grid barrier
+} C;
+
 static const char *warp_op_name(int kind) {
     static const char *const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
                                         "__syncwarp", "__ballot_sync", "__any_sync", "__all_sync"};
@@ -156,7 +167,7 @@ static void report_deadlock(void);
 static int next_runnable(void) {
     const int n = S.thread_count;
     for (;;) {
-        if (S.exited == n) return -1;
+        if (S.exited + C.parked == n) return -1;
         if (S.position == n) {
             if (!S.progressed) {
                 report_deadlock();
@@ -253,6 +264,12 @@ static void append_thread_states(void) {
         append("%sthreads ", separator);
         append_thread_ranges([&](int t) { return S.fibers[t].state == AT_WARP_OP && S.fibers[t].op.kind == kind; });
         append(" wait at %s", warp_op_name(kind));
+        separator = "; ";
+    }
+    if (C.parked) {
+        append("%sthreads ", separator);
+        append_thread_ranges([](int t) { return S.fibers[t].state == AT_GRID_BARRIER; });
+        append(" wait at this_grid().sync()");
         separator = "; ";
     }
     if (S.exited) {
@@ -552,6 +569,15 @@ static const guarded_region *allocation_holding(uintptr_t begin, uintptr_t end) 
     return nullptr;
 }
 
+// Whether [begin, begin + bytes) lies in one guarded allocation (which memcheck guards wherever the
+// kernel finds its address).
+extern "C" GPUMLP_EXPORT int gpumlp_guarded_holds(const void *begin, size_t bytes) {
+    pthread_mutex_lock(&launch_lock);
+    int held = allocation_holding((uintptr_t)begin, (uintptr_t)begin + bytes) != nullptr;
+    pthread_mutex_unlock(&launch_lock);
+    return held;
+}
+
 // The arguments whose bytes overlap (one array passed twice, or views of one) form one group: a
 // guarded copy of their union for the launch, or the guarded allocation that holds them.
 struct guarded_copy {
@@ -664,6 +690,40 @@ static int append_memcheck_fault(uintptr_t address) {
                              (long long)(address - launch_address(g, M.begin[named])));
         return 1;
     }
+    // An array the kernel reached through an address it was given (the persistent kernel's table
+    // of layers), not as an argument: memcheck knows it only by its bytes.
+    for (int i = 0; i < allocation_count; ++i) {
+        const guarded_region *r = &allocations[i];
+        uintptr_t data_pages = (uintptr_t)r->mapping + LEADING_GUARD_PAGES * M.page;
+        if (address < (uintptr_t)r->mapping || address >= (uintptr_t)r->mapping + r->mapped_bytes ||
+            (address >= data_pages && address < data_pages + r->data_pages * M.page))
+            continue;
+        append("out-of-bounds %s at byte offset %lld of a guarded array of %zu bytes that is not an argument "
+               "(reached through an address) (memcheck)", crash_write == 1 ? "write" : crash_write == 0 ? "read" : "access",
+               (long long)(address - (uintptr_t)r->data), r->bytes);
+        return 1;
+    }
+    return 0;
+}
+
+// The canaries before every guarded allocation that no argument of the launch holds: a cooperative
+// launch may reach such arrays through addresses. 1 with a report when one was overwritten.
+static int check_unargued_canaries(void) {
+    for (int i = 0; i < allocation_count; ++i) {
+        guarded_region *r = &allocations[i];
+        int argument_region = 0;
+        for (int c = 0; c < M.copy_count; ++c) argument_region |= M.copies[c].region == r;
+        if (argument_region) continue;
+        char *data_pages = r->mapping + LEADING_GUARD_PAGES * M.page;
+        for (char *byte = data_pages; byte < r->data; ++byte) {
+            if ((unsigned char)*byte == CANARY) continue;
+            snprintf(S.message, S.message_size, "out-of-bounds write at byte offset %lld of a guarded array of %zu "
+                     "bytes that is not an argument (reached through an address) (memcheck; found after the launch, "
+                     "which thread wrote it is not known)", (long long)(byte - r->data), r->bytes);
+            memset(data_pages, CANARY, r->data - data_pages);
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -693,6 +753,7 @@ static int memcheck_finish(int check) {
         }
         if (r != &g->own) memset(data_pages, CANARY, r->data - data_pages);  // an allocation's, for its next launch
     }
+    if (C.requested && check && !found) found = check_unargued_canaries();
     M.copy_count = 0;
     return found;
 }
@@ -750,8 +811,15 @@ static unsigned long long shuffle_bits(unsigned long long x, unsigned long long 
     return x;
 }
 
+static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+                                   size_t shared_bytes, int poison_shared, int order, unsigned long long seed);
+
 static void run_grid(const unsigned int grid[3], const gpumlp_module_memory *memory, size_t shared_bytes,
                      int poison_shared, int order, unsigned long long seed) {
+    if (C.requested) {
+        run_grid_cooperatively(grid, memory, shared_bytes, poison_shared, order, seed);
+        return;
+    }
     unsigned long long columns = grid[0], plane = columns * grid[1], blocks = plane * grid[2];
     int bits = 1;
     while (bits < 64 && (1ull << bits) < blocks) ++bits;
@@ -807,13 +875,15 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
                                            unsigned long long seed, const unsigned long long *slots,
                                            int argument_count, const gpumlp_argument_extent *extents,
                                            char *message, size_t message_size) {
-    enum { POISON_SHARED = 1, REVERSE_THREADS = 2, FLUSH_TO_ZERO = 4, MEMCHECK = 8 };
+    enum { POISON_SHARED = 1, REVERSE_THREADS = 2, FLUSH_TO_ZERO = 4, MEMCHECK = 8, COOPERATIVE = 16 };
     const unsigned int *grid = dimensions, *block = dimensions + 3;
     pthread_mutex_lock(&launch_lock);
     S.message = message;
     S.message_size = message_size;
     message[0] = 0;
     S.failed = 0;
+    C.requested = (flags & COOPERATIVE) != 0;
+    C.active = C.parked = 0;
     unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
     if (threads == 0 || threads > MAX_THREADS || grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
         snprintf(message, message_size, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u); a block has 1 to %d threads",
@@ -871,4 +941,192 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     if (memcheck) failed |= memcheck_finish(!failed);
     pthread_mutex_unlock(&launch_lock);
     return failed;
+}
+
+// ---- cooperative launches ----------------------------------------------------------------------
+// Between two grid barriers the blocks run one after another, each until all of its threads wait
+// at the barrier (or exited): a schedule a GPU may also choose, so a kernel that reads what another
+// block writes without a grid barrier in between reads stale or poisoned memory here. The block
+// order of each such phase is the launch order, reversed, or a seeded shuffle drawn anew for every
+// phase (RANDOM_ORDER). Each block keeps its own fibers, stacks and a saved copy of its shared
+// memory, which is swapped in while it runs. Only the x86-64 context switch is used: a copied
+// ucontext_t keeps a pointer into its old location. memcheck, flush-to-zero and the crash report
+// are gpumlp_launch's, around the whole grid.
+// Each stack's guard page is a mapping of its own: Linux allows ~65k mappings per process.
+enum { MAX_COOPERATIVE_THREADS = 16 * 1024 };
+
+static struct {
+    char *stacks;               // MAX_COOPERATIVE_THREADS stacks with guard pages, mapped once
+    fiber *fibers;              // (blocks, threads) saved fibers
+    char *shared;               // (blocks, shared bytes) saved shared memory
+    int *exited, *order;        // per block: exited threads; the run order of the phase
+    size_t capacity_blocks, capacity_shared;
+} CS;
+
+extern "C" GPUMLP_EXPORT void gpumlp_grid_sync(int line) {
+    if (!C.active)
+        fail("this_grid().sync() on line %d in a launch that is not cooperative: launch the kernel with "
+             "launch_cooperative (on a GPU, cudaLaunchCooperativeKernel)", line);
+    fiber *f = &S.fibers[S.current];
+    f->state = AT_GRID_BARRIER;
+    f->barrier_line = line;
+    ++C.parked;
+    switch_away();
+}
+
+static int allocate_cooperative(size_t blocks, size_t threads, size_t shared) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), stride = STACK_BYTES + page;
+    if (!CS.stacks) {
+        char *stacks = (char *)mmap(nullptr, MAX_COOPERATIVE_THREADS * stride, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (stacks == MAP_FAILED) return 1;
+        for (int t = 0; t < MAX_COOPERATIVE_THREADS; ++t) mprotect(stacks + t * stride, page, PROT_NONE);
+        CS.stacks = stacks;
+    }
+    (void)threads;  // the saved fibers are allocated for full blocks of MAX_THREADS
+    if (blocks > CS.capacity_blocks || shared > CS.capacity_shared) {
+        size_t capacity = blocks > CS.capacity_blocks ? blocks : CS.capacity_blocks;
+        size_t shared_capacity = shared > CS.capacity_shared ? shared : CS.capacity_shared;
+        free(CS.fibers), free(CS.shared), free(CS.exited), free(CS.order);
+        CS.fibers = (fiber *)calloc(capacity * MAX_THREADS, sizeof(fiber));
+        CS.shared = (char *)malloc(capacity * (shared_capacity ? shared_capacity : 1));
+        CS.exited = (int *)calloc(capacity, sizeof(int));
+        CS.order = (int *)calloc(capacity, sizeof(int));
+        CS.capacity_blocks = capacity;
+        CS.capacity_shared = shared_capacity;
+        if (!CS.fibers || !CS.shared || !CS.exited || !CS.order) {
+            CS.capacity_blocks = CS.capacity_shared = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static unsigned long long splitmix64(unsigned long long *state) {
+    unsigned long long z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void phase_order(int blocks, int order, unsigned long long *random_state) {
+    for (int i = 0; i < blocks; ++i) CS.order[i] = order == REVERSED_ORDER ? blocks - 1 - i : i;
+    if (order == RANDOM_ORDER)
+        for (int i = blocks - 1; i > 0; --i) {
+            int j = (int)(splitmix64(random_state) % (unsigned long long)(i + 1)), swap = CS.order[i];
+            CS.order[i] = CS.order[j];
+            CS.order[j] = swap;
+        }
+}
+
+// "0-3, 7" for the blocks that satisfy `selected`.
+template <class Predicate>
+static void append_block_ranges(int blocks, Predicate selected) {
+    const char *separator = "";
+    for (int b = 0; b < blocks; ++b) {
+        if (!selected(b)) continue;
+        int last = b;
+        while (last + 1 < blocks && selected(last + 1)) ++last;
+        append(last > b ? "%s%d-%d" : "%s%d", separator, b, last);
+        separator = ", ";
+        b = last;
+    }
+}
+
+// After a phase every block's threads wait at the grid barrier or have exited. Returns 1 when all
+// of them wait at the same barrier (then they are released), 0 when every thread exited, and fails
+// the launch otherwise.
+static int release_grid_barrier(int blocks, int threads) {
+    int waiting = 0, line = -1, mixed_lines = 0;
+    for (int b = 0; b < blocks; ++b)
+        for (int t = 0; t < threads; ++t) {
+            const fiber *f = &CS.fibers[(size_t)b * threads + t];
+            if (f->state != AT_GRID_BARRIER) continue;
+            mixed_lines |= waiting && f->barrier_line != line;
+            line = f->barrier_line;
+            ++waiting;
+        }
+    if (waiting == 0) return 0;
+    if (waiting != blocks * threads || mixed_lines) {
+        snprintf(S.message, S.message_size, "deadlock at the grid barrier (this_grid().sync() on line %d): blocks ", line);
+        append_block_ranges(blocks, [&](int b) { return CS.exited[b] < threads; });
+        append(" wait");
+        if (waiting != blocks * threads) {
+            append(" but threads of blocks ");
+            append_block_ranges(blocks, [&](int b) { return CS.exited[b] > 0; });
+            append(" have exited");
+        } else {
+            append(" at different grid barriers");
+        }
+        append("; every thread of the grid must reach the same grid barrier");
+        S.failed = 1;
+        return 0;
+    }
+    for (size_t i = 0; i < (size_t)blocks * threads; ++i) CS.fibers[i].state = RUNNABLE;
+    return 1;
+}
+
+// Runs the grid of a cooperative launch; a failure is left in S.failed and S.message.
+static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+                                   size_t shared_bytes, int poison_shared, int order, unsigned long long seed) {
+    const int threads = S.thread_count;
+    const unsigned long long block_count = (unsigned long long)grid[0] * grid[1] * grid[2];
+    const size_t static_bytes = (size_t)(memory->static_end - memory->static_begin);
+    const size_t shared_total = static_bytes + shared_bytes;
+#if !defined(__x86_64__) || defined(GPUMLP_FORCE_UCONTEXT)
+    snprintf(S.message, S.message_size, "cooperative launches need the emulator's x86-64 context switch");
+    S.failed = 1;
+    return;
+#endif
+    if (block_count * threads > MAX_COOPERATIVE_THREADS) {
+        snprintf(S.message, S.message_size, "cooperative launch of %llu blocks of %d threads: the emulator runs "
+                 "at most %d threads of a cooperative launch at once", block_count, threads, MAX_COOPERATIVE_THREADS);
+        S.failed = 1;
+        return;
+    }
+    const int blocks = (int)block_count;
+    if (allocate_cooperative(blocks, threads, shared_total)) {
+        snprintf(S.message, S.message_size, "could not allocate the fibers of a cooperative launch");
+        S.failed = 1;
+        return;
+    }
+    const size_t stride = STACK_BYTES + (size_t)sysconf(_SC_PAGESIZE);
+    for (int b = 0; b < blocks; ++b) {
+        for (int t = 0; t < threads; ++t) {
+            fiber *f = &CS.fibers[(size_t)b * threads + t];
+            char *stack = CS.stacks + ((size_t)b * threads + t) * stride;
+            context_prepare(&f->context, stack + stride - STACK_BYTES, STACK_BYTES, fiber_main);
+            f->state = RUNNABLE;
+            f->index = uint3{t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
+        }
+        CS.exited[b] = 0;
+        // 0xFF bytes are a NaN in every float and double: reading before writing shows.
+        memset(CS.shared + (size_t)b * shared_total, poison_shared ? 0xff : 0, shared_total);
+    }
+    C.active = 1;
+    unsigned long long random_state = seed;
+    do {
+        phase_order(blocks, order, &random_state);
+        for (int i = 0; i < blocks; ++i) {
+            const int b = CS.order[i];
+            if (CS.exited[b] == threads) continue;
+            fiber *saved = &CS.fibers[(size_t)b * threads];
+            char *saved_shared = CS.shared + (size_t)b * shared_total;
+            memcpy(S.fibers, saved, threads * sizeof(fiber));
+            memcpy(memory->static_begin, saved_shared, static_bytes);
+            memcpy(memory->dynamic, saved_shared + static_bytes, shared_bytes);
+            blockIdx = uint3{(unsigned)b % grid[0], (unsigned)b / grid[0] % grid[1], (unsigned)b / (grid[0] * grid[1])};
+            S.exited = CS.exited[b];
+            C.parked = S.barrier_arrived = S.deadlocked = S.progressed = S.position = 0;
+            S.resume_position = -1;
+            memset(S.warp_arrived, 0, sizeof S.warp_arrived);
+            run_fiber(&S.scheduler, next_runnable());
+            if (S.failed || S.deadlocked) return;
+            memcpy(saved, S.fibers, threads * sizeof(fiber));
+            memcpy(saved_shared, memory->static_begin, static_bytes);
+            memcpy(saved_shared + static_bytes, memory->dynamic, shared_bytes);
+            CS.exited[b] = S.exited;
+        }
+    } while (release_grid_barrier(blocks, threads));
+    C.active = C.parked = 0;
 }
