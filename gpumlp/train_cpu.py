@@ -44,6 +44,16 @@ def forward_all(params, x: np.ndarray, buffers: cpu_fast.Buffers) -> list[np.nda
     return activations
 
 
+def predict_probs(params, images: np.ndarray, buffers: cpu_fast.Buffers | None = None) -> np.ndarray:
+    """Softmax outputs (N, 10) for images (N, 841), in batches to bound memory."""
+    buffers = buffers or cpu_fast.Buffers()
+    chunks = []
+    for start in range(0, len(images), EVAL_BATCH):
+        logits = forward_all(params, images[start:start + EVAL_BATCH], buffers)[-1]
+        chunks.append(reference.softmax_xent_ref(logits, np.zeros(len(logits), np.int32))["probs"])
+    return np.concatenate(chunks) if chunks else np.zeros((0, params[-1][0].shape[0]), np.float32)
+
+
 class CpuTrainer:
     """Holds the parameters (and momentum velocities) on the host and trains with the reference's
     arithmetic. `threads`: BLAS threads (None: choose_blas_threads). `last_epoch`: no deformation is
@@ -140,13 +150,8 @@ class CpuTrainer:
         return out["loss"], out["wrong"]
 
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
-        """Softmax outputs (N, 10) for images (N, 841), in batches to bound memory."""
-        chunks = []
         with threadpool_limits(self.blas_threads, user_api="blas"):
-            for start in range(0, len(images), EVAL_BATCH):
-                logits = forward_all(self.params, images[start:start + EVAL_BATCH], self.buffers)[-1]
-                chunks.append(reference.softmax_xent_ref(logits, np.zeros(len(logits), np.int32))["probs"])
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.params[-1][0].shape[0]), np.float32)
+            return predict_probs(self.params, images, self.buffers)
 
     def get_state(self) -> dict:
         return {"params": [(W.copy(), b.copy()) for W, b in self.params],
