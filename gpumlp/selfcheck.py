@@ -3,9 +3,13 @@ then a few online SGD steps of a small net on the device against the CPU trainer
 
 For a user who wants to know, before a long run, that the kernels compute the right thing on *their*
 GPU (driver, NVRTC, architecture) -- or, with `--device emulate`, that the .cu text in
-GPUMLP_KERNEL_DIR does. The bounds are the kernel tests' own (gpumlp/tolerances.py). Prints one
-table (kernel, shape, max error, bound, ok) and one verdict line; exit 1 on any mismatch, naming
-the kernels. `reproduce_2010.py` runs the quick part (`quick_check`: small shapes and the training
+GPUMLP_KERNEL_DIR does. The bounds are the kernel tests' own (gpumlp/tolerances.py): every result
+that is a long float32 sum (the forward products, the backward product and its partials, the
+minibatch update) gets the paper-shape tests' per-element bound, which grows with the length of
+the sum (sum_tolerance times the slope of what follows, plus PAPER_RTOL |ref|), at the small shapes
+too; the rest keep their fixed bounds or compare bit for bit. Prints one table (kernel, shape, max
+error, bound -- for a per-element bound its largest value --, used: the largest error / bound, ok)
+and one verdict line; exit 1 on any mismatch, naming the kernels. `reproduce_2010.py` runs the quick part (`quick_check`: small shapes and the training
 steps) before it trains on a GPU.
 """
 from __future__ import annotations
@@ -20,8 +24,8 @@ import numpy as np
 from gpumlp import ops_deform, ops_mlp
 from gpumlp import reference as R
 from gpumlp.errors import UserError
-from gpumlp.tolerances import (BACKPROP, DEFORM, FORWARD, LOSS, SOFTMAX, STEP, UPDATE, Comparison, compare,
-                               first_difference)
+from gpumlp.tolerances import (DEFORM, LOSS, PAPER_RTOL, SOFTMAX, STEP, TANH_SLOPE, Comparison, abs_products,
+                               compare, first_difference, sum_tolerance)
 
 EXIT_MISMATCH = 1
 LR, MOMENTUM = 0.01, 0.9          # the updates are checked on their momentum path (the harder one)
@@ -90,6 +94,14 @@ class Checker:
     def close(self, kernel, shape, actual, ref, tolerance) -> None:
         self.checks.append(Check(kernel, shape, _bound(tolerance), compare(actual, ref, **tolerance)))
 
+    def close_sum(self, kernel, shape, actual, ref, atol) -> None:
+        """A long sum: within the per-element `atol` (from sum_tolerance) + PAPER_RTOL |ref|."""
+        atol = np.asarray(atol, np.float64).ravel()
+        ref = np.asarray(ref).ravel()
+        largest = float(np.max(atol + PAPER_RTOL * np.abs(ref.astype(np.float64))))
+        self.checks.append(Check(kernel, shape, f"per element, max {largest:.3g}",
+                                 compare(np.asarray(actual).ravel(), ref, atol, PAPER_RTOL)))
+
     def exact(self, kernel, shape, actual, ref) -> None:
         self.checks.append(Check(kernel, shape, "bitwise", first_difference(actual, ref)))
 
@@ -107,6 +119,27 @@ def _uniform(rng, shape, scale=1.0):
     return rng.uniform(-scale, scale, shape).astype(np.float32)
 
 
+# -- the bounds of the long sums (tests/test_mlp_kernels.py's paper-shape tests use the same) -------
+def forward_atol(W, b, X) -> np.ndarray:
+    """act(X W^T + b), W (n_out, n_in), X (B, n_in) or (n_in,): n_in terms, then the scaled tanh
+    (slope at most A B)."""
+    return TANH_SLOPE * sum_tolerance(abs_products(X, W.T) + np.abs(b), W.shape[1])
+
+
+def backprop_atol(W, delta_out, y_in) -> np.ndarray:
+    """(delta_out W) f'(y_in), W (n_out, n_in), delta_out (B, n_out): n_out terms times |f'(y_in)|."""
+    slope = np.abs(R.scaled_tanh_derivative_from_output(y_in)).astype(np.float64)
+    return slope * sum_tolerance(abs_products(delta_out, W), W.shape[0])
+
+
+def update_atol(delta_out, X, lr) -> tuple[np.ndarray, np.ndarray]:
+    """W's and b's share of the minibatch update: lr times the gradient's B-term sum (divided by B),
+    delta_out (B, n_out), X (B, n_in)."""
+    batch = delta_out.shape[0]
+    return (lr * sum_tolerance(abs_products(delta_out.T, X) / batch, batch),
+            lr * sum_tolerance(np.abs(delta_out).astype(np.float64).sum(0) / batch, batch))
+
+
 # -- the kernels -------------------------------------------------------------------------------------
 def check_online(ch: Checker, rng, s: Shapes) -> None:
     """mlp_online.cu: layer_forward_mv(_gather), backward_update_partial (momentum), backward_reduce."""
@@ -115,7 +148,8 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     x = _uniform(rng, s.n_in)
     y = ch.unwritten(s.n_out)
     ops_mlp.layer_forward_mv(d, ch.up(W), ch.up(b), ch.up(x), y, activate=True)
-    ch.close("layer_forward_mv", shape, ch.down(y), R.layer_forward_ref(W, b, x[None], True)[0], FORWARD)
+    ch.close_sum("layer_forward_mv", shape, ch.down(y), R.layer_forward_ref(W, b, x[None], True)[0],
+                 forward_atol(W, b, x))
 
     delta_out = _uniform(rng, s.n_out, 0.5)
     x = _uniform(rng, s.n_in, 1.7)     # the outputs of a scaled-tanh layer, for f'(x) too
@@ -129,11 +163,15 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     ref = [a.copy() for a in (W, b, vW, vb)]
     ref_partial = R.backward_update_partial_ref(*ref[:2], delta_out, x, LR, MOMENTUM, *ref[2:],
                                                 rows_per_chunk=ops_mlp.BU_ROWS)
-    ch.close("backward_update_partial", f"{shape} partials", ch.down(partial).reshape(chunks, s.n_in),
-             ref_partial, BACKPROP)
+    # a chunk's partial is a sum of BU_ROWS terms; delta_in, of all n_out (in two levels), times |f'(x)|
+    terms = np.abs(delta_out).astype(np.float64)[:, None] * np.abs(W)
+    rows = chunks * ops_mlp.BU_ROWS
+    chunk_terms = np.pad(terms, ((0, rows - s.n_out), (0, 0))).reshape(chunks, -1, s.n_in).sum(1)
+    ch.close_sum("backward_update_partial", f"{shape} partials", ch.down(partial).reshape(chunks, s.n_in),
+                 ref_partial, sum_tolerance(chunk_terms, ops_mlp.BU_ROWS))
     ch.exact("backward_update_partial", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref))
-    ch.close("backward_reduce", f"{chunks}x{s.n_in} partials", ch.down(delta_in),
-             R.backward_reduce_ref(ref_partial, x), BACKPROP)
+    ch.close_sum("backward_reduce", f"{shape}, {chunks} chunks -> delta_in", ch.down(delta_in),
+                 R.backprop_delta_ref(W, delta_out[None], x[None])[0], backprop_atol(W, delta_out, x))
 
     # the first layer's fused gather (3 images, the one at position 1 of the order)
     images, labels = _uniform(rng, (3, s.n_in)), np.arange(3, dtype=np.int32)
@@ -142,7 +180,7 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     ops_mlp.layer_forward_mv_gather(d, ch.up(W), ch.up(b), ch.up(images), ch.up(labels), ch.up(order),
                                     ch.up(np.array([1], np.int32)), X, label, y, activate=True)
     ref_X, ref_label, ref_y = R.layer_forward_mv_gather_ref(W, b, images, labels, order, 1, True)
-    ch.close("layer_forward_mv_gather", shape, ch.down(y), ref_y, FORWARD)
+    ch.close_sum("layer_forward_mv_gather", shape, ch.down(y), ref_y, forward_atol(W, b, ref_X))
     ch.exact("layer_forward_mv_gather", f"{shape} gathered image, label",
              _flat(ch.down(X), ch.down(label).astype(np.float32)), _flat(ref_X, np.float32(ref_label)))
 
@@ -154,13 +192,14 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
     X = _uniform(rng, (s.batch, s.n_in))
     Y = ch.unwritten((s.batch, s.n_out))
     ops_mlp.layer_forward_gemm(d, ch.up(W), ch.up(b), ch.up(X), Y, activate=True)
-    ch.close("layer_forward_gemm", shape, ch.down(Y), R.layer_forward_ref(W, b, X, True), FORWARD)
+    ch.close_sum("layer_forward_gemm", shape, ch.down(Y), R.layer_forward_ref(W, b, X, True), forward_atol(W, b, X))
 
     delta_out = _uniform(rng, (s.batch, s.n_out), 0.5)
     y_in = _uniform(rng, (s.batch, s.n_in), 1.7)
     delta_in = ch.unwritten((s.batch, s.n_in))
     ops_mlp.backprop_delta_gemm(d, ch.up(W), ch.up(delta_out), ch.up(y_in), delta_in)
-    ch.close("backprop_delta_gemm", shape, ch.down(delta_in), R.backprop_delta_ref(W, delta_out, y_in), BACKPROP)
+    ch.close_sum("backprop_delta_gemm", shape, ch.down(delta_in), R.backprop_delta_ref(W, delta_out, y_in),
+                 backprop_atol(W, delta_out, y_in))
 
     vW, vb = _uniform(rng, W.shape, 1e-3), _uniform(rng, b.shape, 1e-3)
     dev = [ch.up(a) for a in (W, b, vW, vb)]
@@ -168,7 +207,9 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
     ops_mlp.sgd_update_gemm(d, dev[0], dev[1], ch.up(delta_out), ch.up(y_in), hyper, dev[2], dev[3])
     ref = [a.copy() for a in (W, b, vW, vb)]
     R.sgd_update_ref(ref[0], ref[1], delta_out, y_in, LR, MOMENTUM, ref[2], ref[3])
-    ch.close("sgd_update_gemm", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref), UPDATE)
+    atol_W, atol_b = update_atol(delta_out, y_in, LR)
+    ch.close_sum("sgd_update_gemm", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref),
+                 _flat(atol_W, atol_b, atol_W, atol_b))
 
     # the first layer's fused gather, on a 10 x 841 layer (the gather is what is new)
     n, features, cursor = 2 * s.batch + 3, 841, s.batch
@@ -184,7 +225,7 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
     ref_X, ref_labels, ref_Y = R.layer_forward_gemm_gather_ref(W_first, b_first, images, image_labels, order, cursor,
                                                                s.batch, True)
     gather_shape = f"B={s.batch}, W 10x{features}"
-    ch.close("layer_forward_gemm_gather", gather_shape, ch.down(Y_first), ref_Y, FORWARD)
+    ch.close_sum("layer_forward_gemm_gather", gather_shape, ch.down(Y_first), ref_Y, forward_atol(W_first, b_first, ref_X))
     ch.exact("layer_forward_gemm_gather", f"{gather_shape} gathered images, labels",
              _flat(ch.down(X_out), ch.down(labels_out).astype(np.float32)), _flat(ref_X, ref_labels.astype(np.float32)))
 
@@ -294,11 +335,12 @@ def failed_kernels(checks: list[Check]) -> list[str]:
 
 
 def table(checks: list[Check]) -> str:
-    rows = [("kernel", "shape", "max error", "bound", "ok")]
+    rows = [("kernel", "shape", "max error", "bound", "used", "ok")]
     for c in checks:
         error = "-" if np.isnan(c.result.max_error) else f"{c.result.max_error:.3g}"
-        rows.append((c.kernel, c.shape, error, c.bound, "ok" if c.ok else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        used = "-" if np.isnan(c.result.used) else f"{c.result.used:.2g}"
+        rows.append((c.kernel, c.shape, error, c.bound, used, "ok" if c.ok else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     for c in checks:
         if not c.ok:
