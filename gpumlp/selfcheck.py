@@ -9,8 +9,8 @@ minibatch update) gets the paper-shape tests' per-element bound, which grows wit
 the sum (sum_tolerance times the slope of what follows, plus PAPER_RTOL |ref|), at the small shapes
 too; the rest keep their fixed bounds or compare bit for bit. Prints one table (kernel, shape, max
 error, bound -- for a per-element bound its largest value --, used: the largest error / bound, ok)
-and one verdict line; exit 1 on any mismatch, naming the kernels. `reproduce_2010.py` runs the quick part (`quick_check`: small shapes and the training
-steps) before it trains on a GPU.
+and one verdict line; exit 1 on any mismatch, naming the kernels. `reproduce_2010.py` runs the
+quick part (`quick_check`: small shapes and the training steps) before it trains on a GPU.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import numpy as np
 from gpumlp import ops_deform, ops_mlp
 from gpumlp import reference as R
 from gpumlp.errors import UserError
-from gpumlp.tolerances import (DEFORM, LOSS, PAPER_RTOL, SOFTMAX, STEP, TANH_SLOPE, Comparison, abs_products,
-                               compare, first_difference, sum_tolerance)
+from gpumlp.tolerances import (DEFORM, LOSS, PAPER_RTOL, SOFTMAX, STEP, Comparison, backprop_atol, compare,
+                               first_difference, forward_atol, partial_atol, update_atol)
 
 EXIT_MISMATCH = 1
 LR, MOMENTUM = 0.01, 0.9          # the updates are checked on their momentum path (the harder one)
@@ -119,27 +119,6 @@ def _uniform(rng, shape, scale=1.0):
     return rng.uniform(-scale, scale, shape).astype(np.float32)
 
 
-# -- the bounds of the long sums (tests/test_mlp_kernels.py's paper-shape tests use the same) -------
-def forward_atol(W, b, X) -> np.ndarray:
-    """act(X W^T + b), W (n_out, n_in), X (B, n_in) or (n_in,): n_in terms, then the scaled tanh
-    (slope at most A B)."""
-    return TANH_SLOPE * sum_tolerance(abs_products(X, W.T) + np.abs(b), W.shape[1])
-
-
-def backprop_atol(W, delta_out, y_in) -> np.ndarray:
-    """(delta_out W) f'(y_in), W (n_out, n_in), delta_out (B, n_out): n_out terms times |f'(y_in)|."""
-    slope = np.abs(R.scaled_tanh_derivative_from_output(y_in)).astype(np.float64)
-    return slope * sum_tolerance(abs_products(delta_out, W), W.shape[0])
-
-
-def update_atol(delta_out, X, lr) -> tuple[np.ndarray, np.ndarray]:
-    """W's and b's share of the minibatch update: lr times the gradient's B-term sum (divided by B),
-    delta_out (B, n_out), X (B, n_in)."""
-    batch = delta_out.shape[0]
-    return (lr * sum_tolerance(abs_products(delta_out.T, X) / batch, batch),
-            lr * sum_tolerance(np.abs(delta_out).astype(np.float64).sum(0) / batch, batch))
-
-
 # -- the kernels -------------------------------------------------------------------------------------
 def check_online(ch: Checker, rng, s: Shapes) -> None:
     """mlp_online.cu: layer_forward_mv(_gather), backward_update_partial (momentum), backward_reduce."""
@@ -163,12 +142,8 @@ def check_online(ch: Checker, rng, s: Shapes) -> None:
     ref = [a.copy() for a in (W, b, vW, vb)]
     ref_partial = R.backward_update_partial_ref(*ref[:2], delta_out, x, LR, MOMENTUM, *ref[2:],
                                                 rows_per_chunk=ops_mlp.BU_ROWS)
-    # a chunk's partial is a sum of BU_ROWS terms; delta_in, of all n_out (in two levels), times |f'(x)|
-    terms = np.abs(delta_out).astype(np.float64)[:, None] * np.abs(W)
-    rows = chunks * ops_mlp.BU_ROWS
-    chunk_terms = np.pad(terms, ((0, rows - s.n_out), (0, 0))).reshape(chunks, -1, s.n_in).sum(1)
     ch.close_sum("backward_update_partial", f"{shape} partials", ch.down(partial).reshape(chunks, s.n_in),
-                 ref_partial, sum_tolerance(chunk_terms, ops_mlp.BU_ROWS))
+                 ref_partial, partial_atol(W, delta_out, ops_mlp.BU_ROWS))
     ch.exact("backward_update_partial", f"{shape} W, b, velocities", _flat(*map(ch.down, dev)), _flat(*ref))
     ch.close_sum("backward_reduce", f"{shape}, {chunks} chunks -> delta_in", ch.down(delta_in),
                  R.backprop_delta_ref(W, delta_out[None], x[None])[0], backprop_atol(W, delta_out, x))
@@ -225,7 +200,8 @@ def check_batch(ch: Checker, rng, s: Shapes) -> None:
     ref_X, ref_labels, ref_Y = R.layer_forward_gemm_gather_ref(W_first, b_first, images, image_labels, order, cursor,
                                                                s.batch, True)
     gather_shape = f"B={s.batch}, W 10x{features}"
-    ch.close_sum("layer_forward_gemm_gather", gather_shape, ch.down(Y_first), ref_Y, forward_atol(W_first, b_first, ref_X))
+    ch.close_sum("layer_forward_gemm_gather", gather_shape, ch.down(Y_first), ref_Y,
+                 forward_atol(W_first, b_first, ref_X))
     ch.exact("layer_forward_gemm_gather", f"{gather_shape} gathered images, labels",
              _flat(ch.down(X_out), ch.down(labels_out).astype(np.float32)), _flat(ref_X, ref_labels.astype(np.float32)))
 

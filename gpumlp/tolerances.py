@@ -24,8 +24,9 @@ deformation parameters and the online weight update compare exactly.
 
 Long sums (the products and their backward and update counterparts at any shape, the paper's
 2000 x 2500 layer included) get a bound that grows with the length of the sum instead: a per-element
-atol `sum_tolerance` (below) times the largest slope of what follows the sum, plus rtol PAPER_RTOL.
-The fixed FORWARD/BACKPROP/UPDATE values stay for the small-shape kernel tests.
+atol `sum_tolerance` (below) times the largest slope of what follows the sum, plus rtol PAPER_RTOL
+(forward_atol, backprop_atol, partial_atol, update_atol compose it per kernel). The fixed
+FORWARD/BACKPROP/UPDATE values stay for the small-shape kernel tests.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpumlp.reference import TANH_A, TANH_B
+from gpumlp.reference import TANH_A, TANH_B, scaled_tanh_derivative_from_output
 
 FORWARD = dict(atol=2e-5, rtol=1e-5)
 BACKPROP = dict(atol=1e-6, rtol=1e-5)
@@ -65,6 +66,39 @@ def sum_tolerance(abs_terms_sum, n_terms: int, c: float = 2.0) -> np.ndarray:
 def abs_products(a, b) -> np.ndarray:
     """sum_k |a[i, k] b[k, j]| in float64: the sum|terms| of each element of a @ b."""
     return np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+
+
+# The bounds of the kernels' long sums (gpumlp.selfcheck at every shape; the paper-shape kernel tests
+# compose the same).
+def forward_atol(W, b, X) -> np.ndarray:
+    """act(X W^T + b), W (n_out, n_in), X (B, n_in) or (n_in,): n_in terms, then the scaled tanh
+    (slope at most A B)."""
+    return TANH_SLOPE * sum_tolerance(abs_products(X, W.T) + np.abs(b), W.shape[1])
+
+
+def backprop_atol(W, delta_out, y_in) -> np.ndarray:
+    """(delta_out W) f'(y_in), W (n_out, n_in), delta_out (B, n_out) or (n_out,): n_out terms, times
+    |f'(y_in)|. Also the bound of backward_reduce's delta_in, the same sum in two levels."""
+    slope = np.abs(scaled_tanh_derivative_from_output(y_in)).astype(np.float64)
+    return slope * sum_tolerance(abs_products(delta_out, W), W.shape[0])
+
+
+def update_atol(delta_out, X, lr) -> tuple[np.ndarray, np.ndarray]:
+    """W's and b's share of the minibatch update: lr times the gradient's B-term sum (divided by B),
+    delta_out (B, n_out), X (B, n_in)."""
+    batch = delta_out.shape[0]
+    return (lr * sum_tolerance(abs_products(delta_out.T, X) / batch, batch),
+            lr * sum_tolerance(np.abs(delta_out).astype(np.float64).sum(0) / batch, batch))
+
+
+def partial_atol(W, delta_out, rows_per_chunk: int) -> np.ndarray:
+    """backward_update_partial's partials (chunks, n_in): chunk c sums the rows_per_chunk terms
+    delta_out[r] W[r, j] of its rows r, W (n_out, n_in), delta_out (n_out,)."""
+    n_out, n_in = W.shape
+    chunks = -(-n_out // rows_per_chunk)
+    terms = np.abs(delta_out).astype(np.float64)[:, None] * np.abs(W)
+    terms = np.pad(terms, ((0, chunks * rows_per_chunk - n_out), (0, 0)))
+    return sum_tolerance(terms.reshape(chunks, rows_per_chunk, n_in).sum(1), rows_per_chunk)
 
 
 @dataclass
