@@ -6,7 +6,8 @@
 // Where a multiply feeds an add, __fmul_rn / __fadd_rn keep NVRTC from contracting the pair into
 // an fma (it does by default), so every such step rounds exactly as numpy's float32 does. The
 // parameters therefore match the reference bit for bit; the images differ only through
-// sinf/cosf/tanf versus numpy's float32 versions and the smoothing's summation order.
+// sinf/cosf/tanf versus numpy's float32 versions (the smoothing adds its taps in the reference's
+// order, ascending k from 0.0f: gpumlp/deform.py smooth_lines).
 #include "philox.cuh"
 
 #define SIDE 29

@@ -6,19 +6,6 @@ import numpy as np
 from gpumlp.tolerances import compare, first_difference
 
 
-# The unit roundoff of float32 (half an ulp of 1): one rounding errs by at most U * |result|.
-U = 2.0 ** -24
-
-
-def sum_tolerance(abs_terms_sum, n_terms: int, c: float = 2.0) -> np.ndarray:
-    """The atol of each element of an n-term float32 sum that the kernel and numpy add in different
-    orders: c * sqrt(n) * U * sum|terms|. Each of the n roundings errs by at most U |partial sum|
-    <= U sum|terms|; independent errors add like a random walk (sqrt(n), where the worst case is n),
-    and there are two implementations. `abs_terms_sum` (any shape) is sum|terms| per element,
-    computed in float64 (e.g. |X| @ |W|^T + |b|)."""
-    return c * np.sqrt(n_terms) * U * np.asarray(abs_terms_sum, np.float64)
-
-
 def flush_subnormals(values) -> np.ndarray:
     """float32 values as CUDA's -ftz=true sees them (x86 FTZ + DAZ alike): a subnormal becomes a
     zero of the same sign."""
@@ -36,7 +23,8 @@ def flushed(operation):
 
 def assert_close(actual, ref, atol, rtol: float, what: str) -> float:
     """Assert |actual - ref| <= atol + rtol |ref| elementwise (NaN anywhere fails); return the max
-    absolute error. `atol` is a number or an array of the shape (e.g. from sum_tolerance). On
+    absolute error. `atol` is a number or an array of the shape (e.g. from
+    gpumlp.tolerances.sum_tolerance). On
     failure the message names the worst element (largest error relative to its bound), its index,
     both values and how many elements are out of bounds."""
     result = compare(actual, ref, atol, rtol)

@@ -38,10 +38,11 @@ import pytest
 from gpumlp import ops_mlp
 from gpumlp import reference as R
 from gpumlp.device import KERNEL_DIR, EmulatedDevice
-from helpers import U, assert_bitwise_equal, flush_subnormals, flushed, sum_tolerance
+from helpers import assert_bitwise_equal, flush_subnormals, flushed
 from helpers import assert_close as _assert_close
 
 from gpumlp.tolerances import BACKPROP, FORWARD, LOSS, SOFTMAX, STEP, UPDATE  # shared with gpumlp.selfcheck
+from gpumlp.tolerances import PAPER_RTOL, TANH_SLOPE, abs_products, sum_tolerance
 
 DEVICES = {
     "plain": lambda: EmulatedDevice(),
@@ -480,20 +481,13 @@ def test_steps_are_bitwise_repeatable_across_schedules(batch):
 
 # ---- the trainer's shapes: layers of paper net 4 (841-2500-2000-1500-1000-500-10) ---------------
 # Tolerance atol + rtol |ref| with a per-element atol that grows with the length n of the sum:
-# sum_tolerance = 2 sqrt(n) u sum|terms| (tests/helpers.py says why), times the largest slope of what
+# sum_tolerance = 2 sqrt(n) u sum|terms| (gpumlp/tolerances.py says why), times the largest slope of what
 # follows the sum (A B for the scaled tanh, |f'(y_in)| for the backward product, lr for an update),
 # and rtol PAPER_RTOL = 8 u for the roundings after the sum (tanhf against numpy's tanh: a few ulp).
 # Measured (this machine, the emulator): the worst element uses at most 0.29 of its bound, 0.04 for
 # the sums of 2000 and 2500 terms.
 PAPER_LAYERS = [(2500, 841), (2000, 2500)]   # the widest input; the longest sums (2500 and 2000 terms)
 PAPER_BATCH = 32
-PAPER_RTOL = 8 * U
-TANH_SLOPE = float(R.TANH_A) * float(R.TANH_B)
-
-
-def abs_products(a, b):
-    """sum_k |a[i, k] b[k, j]| in float64: the sum|terms| of each element of a @ b."""
-    return np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
 
 
 @pytest.mark.parametrize("n_out, n_in", PAPER_LAYERS)

@@ -1,6 +1,7 @@
-"""`python -m gpumlp.selfcheck`: passes on the emulator with the project's kernels, and fails naming
-the kernel when a kernel constant is altered (GPUMLP_KERNEL_DIR pointing at an edited copy); the
-quick part guards reproduce_2010.py on a GPU unless --skip-selfcheck."""
+"""`python -m gpumlp.selfcheck`: passes on the emulator with the project's kernels, with bounds that
+stay tight at the paper shape, and fails naming the kernel when a kernel constant is altered or a
+loop bound is off by one (GPUMLP_KERNEL_DIR pointing at an edited copy); the quick part guards
+reproduce_2010.py on a GPU unless --skip-selfcheck."""
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from gpumlp.device import KERNEL_DIR, CudaDevice, EmulatedDevice, gpu_available,
 
 REPO = Path(__file__).resolve().parent.parent
 TANH_A = "#define TANH_A 0x1.b74538p+0f"
+# backward_reduce's chain over the chunks of a group (mlp_online.cu)
+REDUCE_LOOP = "for (int c = 0; c < count; ++c)"
 
 
 def run_selfcheck(*args, kernel_dir=None):
@@ -25,20 +28,30 @@ def run_selfcheck(*args, kernel_dir=None):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def altered_kernels(tmp_path_factory):
-    """A copy of cuda_kernels/ whose scaled tanh uses A = 1.7 instead of 1.7159."""
+def edited_kernels(tmp_path_factory, filename, old, new):
+    """A copy of cuda_kernels/ with `old` replaced by `new` (once) in `filename`."""
     folder = tmp_path_factory.mktemp("kernels") / "cuda_kernels"
     shutil.copytree(KERNEL_DIR, folder)
-    header = folder / "mlp_common.cuh"
-    text = header.read_text()
-    assert TANH_A in text
-    header.write_text(text.replace(TANH_A, "#define TANH_A 0x1.b33334p+0f"))
+    source = folder / filename
+    text = source.read_text()
+    assert text.count(old) == 1, f"{old!r} is not once in {filename}"
+    source.write_text(text.replace(old, new))
     return folder
 
 
-def test_selfcheck_passes_on_the_emulator():
-    done = run_selfcheck()
+@pytest.fixture(scope="module")
+def altered_kernels(tmp_path_factory):
+    """A copy of cuda_kernels/ whose scaled tanh uses A = 1.7 instead of 1.7159."""
+    return edited_kernels(tmp_path_factory, "mlp_common.cuh", TANH_A, "#define TANH_A 0x1.b33334p+0f")
+
+
+@pytest.fixture(scope="module")
+def passing_run():
+    return run_selfcheck()
+
+
+def test_selfcheck_passes_on_the_emulator(passing_run):
+    done = passing_run
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith("selfcheck passed: ")
@@ -49,6 +62,24 @@ def test_selfcheck_passes_on_the_emulator():
         assert kernel in table, kernel
     assert "W 2000x2500" in table and "W 33x37" in table     # paper and small shapes
     assert " FAIL" not in table
+
+
+def test_selfcheck_paper_bounds_stay_tight(passing_run):
+    """The sum-length bounds grow with the sum, but not so far that a real fault fits in them: at the
+    paper shape the largest per-element bound of backprop_delta_gemm (a sum of 2000 terms
+    |delta_out W| <= 0.025, times |f'| <= 1.14) is below 1e-4 absolute, and the worst element of every
+    long sum uses more than 1/1000 of its bound (the bound is not orders of magnitude above what
+    another summation order costs)."""
+    rows = [line.split("  ") for line in passing_run.stdout.splitlines()]
+    rows = [[cell.strip() for cell in row if cell.strip()] for row in rows]
+    paper = [row for row in rows if len(row) == 6 and "2000x2500" in row[1] and row[3].startswith("per element, max ")]
+    assert {row[0] for row in paper} >= {"layer_forward_mv", "backward_update_partial", "backward_reduce",
+                                         "layer_forward_gemm", "backprop_delta_gemm", "sgd_update_gemm"}
+    largest = {row[0]: float(row[3].removeprefix("per element, max ")) for row in paper}
+    assert largest["backprop_delta_gemm"] < 1e-4, largest
+    assert largest["backward_reduce"] < 1e-4 and largest["layer_forward_gemm"] < 3e-4, largest
+    for row in paper:
+        assert 1e-3 < float(row[4]) < 1, row    # the share of the bound that the worst element uses
 
 
 def test_selfcheck_fails_naming_the_kernel_with_an_altered_constant(altered_kernels):
@@ -67,6 +98,19 @@ def test_quick_check_raises_naming_the_kernel(altered_kernels, monkeypatch):
     monkeypatch.setattr(device_module, "KERNEL_DIR", altered_kernels)
     with pytest.raises(selfcheck.SelfCheckFailed, match="layer_forward_gemm"):
         selfcheck.quick_check(EmulatedDevice(), logged.append)
+
+
+def test_selfcheck_fails_naming_backward_reduce_when_its_chunk_loop_is_off_by_one(tmp_path_factory):
+    """A fault the bitwise checks cannot see: backward_reduce drops the last chunk of every group.
+    Only the sum-length bound of delta_in (and the training steps, which use the kernel) catch it."""
+    skipped_chunk = edited_kernels(tmp_path_factory, "mlp_online.cu", REDUCE_LOOP,
+                                   "for (int c = 0; c < count - 1; ++c)")
+    done = run_selfcheck("--quick", kernel_dir=skipped_chunk)
+    assert done.returncode == selfcheck.EXIT_MISMATCH, done.stdout + done.stderr
+    verdict = done.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("selfcheck FAILED") and "backward_reduce" in verdict, verdict
+    assert "backward_update_partial" not in verdict and "layer_forward" not in verdict, verdict
+    assert "backward_reduce (W 33x37, 2 chunks -> delta_in): " in done.stdout
 
 
 @pytest.mark.skipif(gpu_available(), reason="a GPU is usable here")
