@@ -178,6 +178,13 @@ class Run:
     def resume(self) -> int:
         """Load the last checkpoint into the trainer; returns the first epoch still to run."""
         epoch, state, best = self.run_dir.load_checkpoint()
+        in_progress = self.run_dir.epoch_in_progress()
+        if in_progress and not getattr(self.trainer, "resumes_mid_epoch", False):
+            path = self.run_dir.path
+            raise UserError(f"{path}/checkpoint.npz was saved inside epoch {epoch + 1} ({in_progress['images']:,} of "
+                            f"{count(len(self.split.train_labels), 'training image')}), and only the CPU trainer "
+                            f"resumes inside an epoch: finish it with --resume {path} --device cpu --epochs {epoch + 1}, "
+                            f"then resume on this device with --epochs {self.config.epochs}")
         self.trainer.set_state(state)
         self.best = best
         self.records = [r for r in self.run_dir.read_metrics() if r["epoch"] <= epoch]
@@ -188,7 +195,6 @@ class Run:
                 self.best_val_probs = data["best_val_probs"]
                 self.final_probs = data["final_probs"]
         self.last_good = (epoch, state)
-        in_progress = self.run_dir.epoch_in_progress()
         self.resume_cursor = EpochCursor(**in_progress) if in_progress else None
         self.checkpointed = (epoch, in_progress["images"] if in_progress else 0)
         self.checkpointed_at = time.monotonic()

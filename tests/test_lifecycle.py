@@ -314,6 +314,24 @@ def test_sigterm_in_epoch_2_after_timed_checkpoints_saves_the_position_and_resum
     assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
 
 
+def test_a_trainer_that_cannot_resume_inside_an_epoch_refuses_such_a_checkpoint(tmp_path, same_digits, monkeypatch,
+                                                                             capsys):
+    from gpumlp.train_cpu import CpuTrainer
+    out = tmp_path / "run"
+    run_in_process(*SLOW, "--epochs", "2", "--checkpoint-minutes", "1e-9", "--out", out)
+    epoch, state, best = RunDir(out).load_checkpoint()
+    RunDir(out).save_checkpoint(1, state, best, {"epoch": 2, "images": 40, "loss_total": 1.5, "wrong_total": 3,
+                                                 "seconds": 0.5})
+    monkeypatch.setattr(CpuTrainer, "resumes_mid_epoch", False)  # as the device engines
+    capsys.readouterr()
+    run_in_process("--resume", out, "--epochs", "3", expect=2)
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}/checkpoint.npz was saved inside epoch 2 (40 of {N_TRAIN} training images), and only the CPU "
+        f"trainer resumes inside an epoch: finish it with --resume {out} --device cpu --epochs 2, then resume on "
+        f"this device with --epochs 3")
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == [1, 2], "the refused resume changed the metrics"
+
+
 def test_a_checkpoint_in_the_old_format_still_resumes(tmp_path, same_digits):
     """Checkpoints written before mid-epoch positions existed hold exactly these arrays; they
     load as the state after their epoch."""
