@@ -294,10 +294,13 @@ def test_a_timed_checkpoint_inside_epoch_1_records_its_position_and_survives_kil
     assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("augment", [False, True], ids=["undeformed", "deformed"])
 def test_sigterm_in_epoch_2_after_timed_checkpoints_saves_the_position_and_resumes_to_the_same_bits(
-        tmp_path, same_digits):
+        tmp_path, same_digits, augment):
+    """Deformed: the resumed epoch's digits are deformed again from (seed, epoch), the same ones."""
+    flags = [*[flag for flag in SLOW if flag != "--no-augment" or not augment], "--epochs", "3"]
     out = tmp_path / "cut"
-    child = Child([*SLOW, "--epochs", "3", "--checkpoint-minutes", "0.001", "--out", out], SLOW_ENV)
+    child = Child([*flags, "--checkpoint-minutes", "0.001", "--out", out], SLOW_ENV)
     child.wait_for(epoch_line(1))
     time.sleep(0.3)  # ~200 steps of >= 4 ms make epoch 2: the stop lands well inside it
     child.send(signal.SIGTERM)
@@ -309,7 +312,7 @@ def test_sigterm_in_epoch_2_after_timed_checkpoints_saves_the_position_and_resum
     assert [r["epoch"] for r in RunDir(out).read_metrics()] == [1]
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 1
     run_in_process("--resume", out)
-    run_in_process(*SLOW, "--epochs", "3", "--out", tmp_path / "whole")
+    run_in_process(*flags, "--out", tmp_path / "whole")
     assert sha(out) == sha(tmp_path / "whole")
     assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
 
