@@ -231,7 +231,7 @@ def run(args, argv, parser, transcript) -> int:
         signal_name = getattr(stop, "name", "SIGINT")
         what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
         try:
-            print(f"{what}: epoch {training.last_good[0]} is saved in {run_dir.path}; "
+            print(f"{what}: {training.saved_text()} in {run_dir.path}; "
                   f"continue with --resume {run_dir.path}", file=sys.stderr)
         except OSError:  # the terminal that hung up is gone; train.log has the line
             pass

@@ -5,7 +5,9 @@
     train.log             everything the command printed, appended on every resume
     metrics.jsonl / .csv  one record per epoch (METRIC_FIELDS)
     checkpoint.npz        parameters and velocities after the last checkpointed epoch (resume);
-                          epoch 0 (the initial weights) from the moment the directory exists
+                          epoch 0 (the initial weights) from the moment the directory exists;
+                          or, saved inside an epoch, after the whole steps done in the next one,
+                          with that position (IN_PROGRESS_FIELDS: images done, loss and error totals)
     best.npz              parameters at the epoch of best validation error
     predictions.npz       test-set softmax outputs at the best-validation epoch and at the end
     snapshots/epoch_NNNN.npz  first-layer weights and the metrics so far, for the report's GIF
@@ -13,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -32,6 +35,11 @@ from gpumlp.errors import UserError
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "val_error", "test_error", "seconds"]
 SNAPSHOT_UNITS = 100
+# A checkpoint saved inside an epoch: that epoch, the training images done in it (whole steps), the
+# float64 sum of their losses and the count of their errors (so the epoch's train_loss and
+# train_error come out as in an uninterrupted run), and the seconds it had taken.
+IN_PROGRESS_FIELDS = {"epoch": np.int64, "images": np.int64, "loss_total": np.float64,
+                      "wrong_total": np.int64, "seconds": np.float64}
 
 
 _UMASK = os.umask(0)
@@ -208,37 +216,52 @@ class RunDir:
         atomic_write_bytes(self.path / "metrics.csv", text.getvalue().encode())
 
     # -- parameters ----------------------------------------------------------------------------
-    def save_checkpoint(self, epoch: int, state: dict, best: dict) -> None:
+    def save_checkpoint(self, epoch: int, state: dict, best: dict, in_progress: dict | None = None) -> None:
+        """`epoch`: the last finished epoch. `in_progress` (IN_PROGRESS_FIELDS): where the next epoch
+        had got when `state` was taken, inside it; None: `state` is the state after `epoch`."""
+        position = {f"in_progress_{name}": dtype(in_progress[name]) for name, dtype in IN_PROGRESS_FIELDS.items()
+                    } if in_progress is not None else {}
         atomic_write_npz(self.path / "checkpoint.npz", epoch=np.int64(epoch),
                          best_epoch=np.int64(best.get("epoch", 0)),
                          best_val_error=np.float64(best.get("val_error", np.inf)),
+                         **position,
                          **params_to_arrays("", state["params"]),
                          **params_to_arrays("velocity_", state["velocities"]))
 
+    def epoch_in_progress(self) -> dict | None:
+        """The position inside an epoch that checkpoint.npz was saved at (IN_PROGRESS_FIELDS), or
+        None where it holds the state after a finished epoch (and in checkpoints older than this)."""
+        with self._open_checkpoint() as data:
+            if "in_progress_epoch" not in data:
+                return None
+            return {name: dtype(data[f"in_progress_{name}"]).item() for name, dtype in IN_PROGRESS_FIELDS.items()}
+
     def load_checkpoint(self):
-        path = self.path / "checkpoint.npz"
-        if not path.exists():
-            raise RunDirError(f"{self.path} has no checkpoint.npz to resume from")
-        try:
-            with np.load(path) as data:
-                state = {"params": arrays_to_params("", data),
-                         "velocities": arrays_to_params("velocity_", data)}
-                best = {"epoch": int(data["best_epoch"]), "val_error": float(data["best_val_error"])}
-                epoch = int(data["epoch"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise RunDirError(f"{path} is unreadable ({error}); the run cannot be resumed") from None
+        """(last finished epoch, state, best) of checkpoint.npz; epoch_in_progress says whether the
+        state is that epoch's or one inside the next."""
+        with self._open_checkpoint() as data:
+            state = {"params": arrays_to_params("", data),
+                     "velocities": arrays_to_params("velocity_", data)}
+            best = {"epoch": int(data["best_epoch"]), "val_error": float(data["best_val_error"])}
+            epoch = int(data["epoch"])
         if not state["params"]:
-            raise RunDirError(f"{path} holds no weights; the run cannot be resumed")
+            raise RunDirError(f"{self.path / 'checkpoint.npz'} holds no weights; the run cannot be resumed")
         return epoch, state, best
 
     def checkpoint_epoch(self) -> int:
-        """The last epoch checkpoint.npz holds (0: the initial weights)."""
+        """The last finished epoch checkpoint.npz holds (0: the initial weights)."""
+        with self._open_checkpoint() as data:
+            return int(data["epoch"])
+
+    @contextlib.contextmanager
+    def _open_checkpoint(self):
+        """checkpoint.npz's arrays; RunDirError with one line where it is missing or unreadable."""
         path = self.path / "checkpoint.npz"
         if not path.exists():
             raise RunDirError(f"{self.path} has no checkpoint.npz to resume from")
         try:
             with np.load(path) as data:
-                return int(data["epoch"])
+                yield data
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise RunDirError(f"{path} is unreadable ({error}); the run cannot be resumed") from None
 

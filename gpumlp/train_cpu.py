@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from gpumlp import cpu_fast, reference
+from gpumlp import cpu_fast, reference, stop_signals
 
 EVAL_BATCH = 1000
 # From this batch size on, a layer's matrix products are big enough that a second BLAS thread
@@ -112,21 +112,30 @@ class CpuTrainer:
             self._next_deformed = (epoch + 1, self._deformer.submit(self._deform, epoch + 1, 1))
         return images
 
-    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
+    resumes_mid_epoch = True
+
+    def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None, cursor=None, after_step=None):
         """One pass over the training set in `order`; returns (mean loss, error rate) measured on
-        the deformed samples before each update."""
-        images = self.deformed_training_set(epoch, progress)
-        loss_total, wrong_total = 0.0, 0
+        the deformed samples before each update.
+
+        `cursor` (training.EpochCursor): where the epoch starts (a resumed one, mid-way) and, after
+        each step, how far it got; a step and its cursor update are one unit (stop signals wait for
+        its end), so the parameters always match the cursor. `after_step(cursor)` follows each step."""
+        from gpumlp.training import EpochCursor
+        cursor = cursor or EpochCursor(epoch)
+        images = self.deformed_training_set(epoch, progress)   # a function of (seed, epoch): also on resume
         with threadpool_limits(self.blas_threads, user_api="blas"):
-            for start in range(0, len(order), self.batch_size):
+            for start in range(cursor.images, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 x = np.take(images, batch, axis=0, out=self.buffers.get("x", (len(batch), images.shape[1])))
-                loss, wrong = self.step(x, self.train_labels[batch], lr)
-                loss_total += float(loss.astype(np.float64).sum())
-                wrong_total += int(wrong.sum())
+                with stop_signals.held():
+                    loss, wrong = self.step(x, self.train_labels[batch], lr)
+                    cursor.advance(len(batch), float(loss.astype(np.float64).sum()), int(wrong.sum()))
                 if progress is not None:
-                    progress(start + len(batch))
-        return loss_total / len(order), wrong_total / len(order)
+                    progress(cursor.images)
+                if after_step is not None:
+                    after_step(cursor)
+        return cursor.loss_total / len(order), cursor.wrong_total / len(order)
 
     def step(self, x, labels, lr):
         """One SGD step on the batch x (B, 841): reference.forward_all, softmax_xent_ref,

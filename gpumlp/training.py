@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +31,24 @@ class Split:
     val_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+
+
+@dataclass
+class EpochCursor:
+    """How far epoch `epoch` has got: the training images its whole steps have taken, the float64
+    sum of their losses (in step order) and the count of their errors, and the seconds spent on it
+    in earlier sessions. A trainer that resumes mid-epoch advances it after each whole step."""
+
+    epoch: int
+    images: int = 0
+    loss_total: float = 0.0
+    wrong_total: int = 0
+    seconds: float = 0.0
+
+    def advance(self, images: int, loss_sum: float, wrong: int) -> None:
+        self.images += images
+        self.loss_total += loss_sum
+        self.wrong_total += wrong
 
 
 def make_split(mnist, config: TrainConfig) -> Split:
@@ -148,7 +166,11 @@ class Run:
         self.best_val_probs = None
         self.final_probs = None
         self.last_good = (0, trainer.get_state())
-        self.checkpointed_epoch = 0
+        # Trainers with `resumes_mid_epoch` (the CPU one) are checkpointed inside an epoch too.
+        self.in_progress: EpochCursor | None = None   # the epoch being trained, while it is
+        self.resume_cursor: EpochCursor | None = None  # where the checkpoint resumed from stood
+        self.epoch_started = time.perf_counter()
+        self.checkpointed = (0, 0)  # (last finished epoch, images of the next) checkpoint.npz holds
         self.checkpointed_at = time.monotonic()
         self.session_seconds: list[float] = []
         self.snapshots = snapshot_epochs(config.epochs)
@@ -156,6 +178,13 @@ class Run:
     def resume(self) -> int:
         """Load the last checkpoint into the trainer; returns the first epoch still to run."""
         epoch, state, best = self.run_dir.load_checkpoint()
+        in_progress = self.run_dir.epoch_in_progress()
+        if in_progress and not getattr(self.trainer, "resumes_mid_epoch", False):
+            path = self.run_dir.path
+            raise UserError(f"{path}/checkpoint.npz was saved inside epoch {epoch + 1} ({in_progress['images']:,} of "
+                            f"{count(len(self.split.train_labels), 'training image')}), and only the CPU trainer "
+                            f"resumes inside an epoch: finish it with --resume {path} --device cpu --epochs {epoch + 1}, "
+                            f"then resume on this device with --epochs {self.config.epochs}")
         self.trainer.set_state(state)
         self.best = best
         self.records = [r for r in self.run_dir.read_metrics() if r["epoch"] <= epoch]
@@ -166,7 +195,8 @@ class Run:
                 self.best_val_probs = data["best_val_probs"]
                 self.final_probs = data["final_probs"]
         self.last_good = (epoch, state)
-        self.checkpointed_epoch = epoch
+        self.resume_cursor = EpochCursor(**in_progress) if in_progress else None
+        self.checkpointed = (epoch, in_progress["images"] if in_progress else 0)
         self.checkpointed_at = time.monotonic()
         return epoch + 1
 
@@ -181,12 +211,19 @@ class Run:
 
     def run_epoch(self, epoch: int) -> None:
         config, split = self.config, self.split
-        started = time.perf_counter()
+        cursor = self.resume_cursor if self.resume_cursor and self.resume_cursor.epoch == epoch else EpochCursor(epoch)
+        self.resume_cursor = None
+        started = self.epoch_started = time.perf_counter() - cursor.seconds
         lr = config.learning_rate(epoch)
         order = epoch_order(config.seed, epoch, len(split.train_labels))
         progress = Progress(len(order), epoch, self.progress_stream)
         try:
-            train_loss, train_error = self.trainer.train_epoch(epoch, lr, order, progress)
+            if getattr(self.trainer, "resumes_mid_epoch", False):
+                self.in_progress = cursor
+                train_loss, train_error = self.trainer.train_epoch(epoch, lr, order, progress, cursor=cursor,
+                                                                   after_step=self.checkpoint_if_due)
+            else:  # the device engines: checkpointed between epochs only
+                train_loss, train_error = self.trainer.train_epoch(epoch, lr, order, progress)
         finally:
             progress.close()  # before any message: an interrupted bar leaves no trace
         if not math.isfinite(train_loss):
@@ -215,8 +252,8 @@ class Run:
         if epoch in self.snapshots:
             self.run_dir.save_snapshot(epoch, state["params"][0][0])
         self.last_good = (epoch, state)
-        minutes_since_checkpoint = (time.monotonic() - self.checkpointed_at) / 60
-        if epoch % config.checkpoint_every == 0 or minutes_since_checkpoint >= config.checkpoint_minutes:
+        self.in_progress = None
+        if epoch % config.checkpoint_every == 0 or self.checkpoint_due():
             self.checkpoint()
         self.write_summary()
         self.session_seconds.append(record["seconds"])
@@ -229,16 +266,42 @@ class Run:
             return ""
         return f"  run ETA {long_duration(left * sum(self.session_seconds) / len(self.session_seconds))}"
 
+    def checkpoint_due(self) -> bool:
+        return (time.monotonic() - self.checkpointed_at) / 60 >= self.config.checkpoint_minutes
+
+    def checkpoint_if_due(self, cursor: EpochCursor) -> None:
+        """Called by the trainer after each whole step: at least every --checkpoint-minutes, inside
+        an epoch too."""
+        if self.checkpoint_due():
+            self.checkpoint()
+
     def checkpoint(self) -> None:
-        """Save the state after the last completed epoch (never a half-trained one)."""
+        """Save the state after the last completed epoch or, inside an epoch of a trainer that
+        resumes mid-epoch, after the last whole step (never a half-applied one: the trainer holds
+        stop signals during a step). A non-finite loss so far keeps the last finished epoch."""
         epoch, state = self.last_good
-        if epoch == self.checkpointed_epoch:
+        cursor = self.in_progress
+        inside = cursor is not None and cursor.images > 0 and math.isfinite(cursor.loss_total)
+        position = (epoch, cursor.images if inside else 0)
+        if position == self.checkpointed:
             return
-        self.run_dir.save_checkpoint(epoch, state, self.best)
-        if self.best_val_probs is not None:
+        if inside:
+            state = self.trainer.get_state()
+            cursor.seconds = time.perf_counter() - self.epoch_started
+        self.run_dir.save_checkpoint(epoch, state, self.best, asdict(cursor) if inside else None)
+        if self.best_val_probs is not None and epoch != self.checkpointed[0]:
             self.run_dir.save_predictions(self.best_val_probs, self.final_probs, self.split.test_labels)
-        self.checkpointed_epoch = epoch
+        self.checkpointed = position
         self.checkpointed_at = time.monotonic()
+
+    def saved_text(self) -> str:
+        """What checkpoint.npz holds, for the stop message: 'epoch 3 is saved', or 'epoch 3 and 120
+        of 60,000 training images of epoch 4 are saved'."""
+        epoch, images = self.checkpointed
+        if not images:
+            return f"epoch {epoch} is saved"
+        return f"epoch {epoch} and {images:,} of {count(len(self.split.train_labels), 'training image')} " \
+               f"of epoch {epoch + 1} are saved"
 
     def write_summary(self) -> dict:
         records = self.records

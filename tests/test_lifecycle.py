@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,24 @@ def epoch_line(epoch: int) -> str:
     return rf"^\s+{epoch}\s+\S+\s+\d"
 
 
+def saved_line(word: str, out, epoch: int) -> str:
+    """The stop line: the last finished epoch `epoch` and, where the stop came inside the next one
+    after a step, the images of it that are saved too."""
+    return (rf"{re.escape(word)}: epoch {epoch}( and (\d+) of {N_TRAIN} training images of epoch {epoch + 1} are| is) "
+            rf"saved in {re.escape(str(out))}; continue with --resume {re.escape(str(out))}")
+
+
+def images_saved(line: str, pattern: str) -> int:
+    """The images of the epoch in progress that a stop line (matching `pattern`) says are saved."""
+    match = re.fullmatch(pattern, line)
+    assert match, (line, pattern)
+    return int(match.group(2) or 0)
+
+
+def metrics_without_seconds(out) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(out).read_metrics()]
+
+
 def run_in_process(*args, expect=0):
     code = cli.main([*map(str, args)])
     assert code == expect, f"exit code {code}, expected {expect}"
@@ -130,12 +149,16 @@ def test_a_signal_in_epoch_2_keeps_epoch_1_and_the_resumed_run_ends_like_an_unin
     child.send(signum)
     exit_code, lines = child.finish()
     assert exit_code == code, lines
-    assert lines[-1] == f"{word}: epoch 1 is saved in {out}; continue with --resume {out}", lines
+    images = images_saved(lines[-1], saved_line(word, out, 1))
     assert RunDir(out).checkpoint_epoch() == 1
+    in_progress = RunDir(out).epoch_in_progress()
+    assert (in_progress["epoch"], in_progress["images"]) == (2, images) if images else in_progress is None
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == [1], "metrics list finished epochs only"
     assert not list(out.parent.glob("**/*.tmp")), "a temporary file was left behind"
     run_in_process("--resume", out)
     run_in_process(*SLOW, "--epochs", "3", "--out", tmp_path / "whole")
     assert sha(out) == sha(tmp_path / "whole")
+    assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -147,7 +170,7 @@ def test_a_run_stopped_in_epoch_1_resumes_from_the_initial_weights(tmp_path, sam
     exit_code, lines = child.finish()
     assert exit_code == (-signal.SIGKILL if signum == signal.SIGKILL else 143), lines
     if signum == signal.SIGTERM:
-        assert lines[-1] == f"stopped by SIGTERM: epoch 0 is saved in {out}; continue with --resume {out}"
+        images_saved(lines[-1], saved_line("stopped by SIGTERM", out, 0))
     assert RunDir(out).checkpoint_epoch() == 0
     run_in_process("--resume", out)
     run_in_process(*SLOW, "--epochs", "2", "--out", tmp_path / "whole")
@@ -208,7 +231,8 @@ def test_a_second_ctrl_c_during_the_final_save_does_not_lose_it(tmp_path):
     child.wait_for("renaming checkpoint.npz")
     child.send(signal.SIGINT)
     exit_code, lines = child.finish()
-    assert exit_code == 130 and lines[-1].startswith("interrupted: epoch 1 is saved"), lines
+    assert exit_code == 130, lines
+    images_saved(lines[-1], saved_line("interrupted", out, 1))
     assert RunDir(out).load_checkpoint()[0] == 1
     assert not list(out.glob("**/*.tmp"))
 
@@ -229,18 +253,103 @@ def test_a_signal_during_a_periodic_checkpoint_waits_for_the_rename(tmp_path):
 
 # -- 4: checkpoints by time as well as by epoch count ---------------------------------------------
 def test_checkpoints_are_written_by_time_as_well_as_every_n_epochs(tmp_path, same_digits, monkeypatch):
+    """(last finished epoch, (epoch in progress, its images done) or None) of each save."""
     saved = []
     real_save = RunDir.save_checkpoint
-    monkeypatch.setattr(RunDir, "save_checkpoint", lambda self, epoch, *a: (saved.append(epoch), real_save(self, epoch, *a)))
+
+    def recorded_save(self, epoch, state, best, in_progress=None):
+        saved.append((epoch, in_progress and (in_progress["epoch"], in_progress["images"])))
+        real_save(self, epoch, state, best, in_progress)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", recorded_save)
     fast = ["--device", "cpu", "--hidden", "8", "--batch-size", "20", "--epochs", "4", "--no-augment"]
     run_in_process(*fast, "--checkpoint-every", "100", "--out", tmp_path / "count")
-    assert saved == [0, 4]  # the initial weights, then the end
+    assert saved == [(0, None), (4, None)]  # the initial weights, then the end
     saved.clear()
     run_in_process(*fast, "--checkpoint-every", "100", "--checkpoint-minutes", "1e-9", "--out", tmp_path / "time")
-    assert saved == [0, 1, 2, 3, 4]
+    # due after every step of 20 images, inside the epochs too, and at each epoch's end
+    assert saved == [(0, None)] + [save for epoch in range(1, 5) for save in
+                                   [(epoch - 1, (epoch, images)) for images in range(20, N_TRAIN + 1, 20)]
+                                   + [(epoch, None)]]
+    assert sha(tmp_path / "time") == sha(tmp_path / "count")
     saved.clear()
     run_in_process(*fast, "--checkpoint-every", "2", "--out", tmp_path / "every2")
-    assert saved == [0, 2, 4]
+    assert saved == [(0, None), (2, None), (4, None)]
+
+
+def test_a_timed_checkpoint_inside_epoch_1_records_its_position_and_survives_kill_9(tmp_path, same_digits):
+    out = tmp_path / "timed"
+    child = Child([*SLOW, "--epochs", "2", "--checkpoint-minutes", "0.001", "--out", out], SLOW_ENV)
+    child.wait_for(r"^epoch\s+lr")  # the table's header: epoch 1 is training
+    deadline = time.monotonic() + 30
+    while (in_progress := RunDir(out).epoch_in_progress()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send(signal.SIGKILL)
+    child.finish()
+    assert in_progress is not None and in_progress["epoch"] == 1 and 0 < in_progress["images"] <= N_TRAIN, in_progress
+    assert RunDir(out).checkpoint_epoch() == 0
+    run_in_process("--resume", out)
+    run_in_process(*SLOW, "--epochs", "2", "--out", tmp_path / "whole")
+    assert sha(out) == sha(tmp_path / "whole")
+    assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["undeformed", "deformed"])
+def test_sigterm_in_epoch_2_after_timed_checkpoints_saves_the_position_and_resumes_to_the_same_bits(
+        tmp_path, same_digits, augment):
+    """Deformed: the resumed epoch's digits are deformed again from (seed, epoch), the same ones."""
+    flags = [*[flag for flag in SLOW if flag != "--no-augment" or not augment], "--epochs", "3"]
+    out = tmp_path / "cut"
+    child = Child([*flags, "--checkpoint-minutes", "0.001", "--out", out], SLOW_ENV)
+    child.wait_for(epoch_line(1))
+    time.sleep(0.3)  # ~200 steps of >= 4 ms make epoch 2: the stop lands well inside it
+    child.send(signal.SIGTERM)
+    exit_code, lines = child.finish()
+    assert exit_code == 143, lines
+    images = images_saved(lines[-1], saved_line("stopped by SIGTERM", out, 1))
+    assert 0 < images < N_TRAIN, lines[-1]
+    assert RunDir(out).epoch_in_progress()["images"] == images
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == [1]
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 1
+    run_in_process("--resume", out)
+    run_in_process(*flags, "--out", tmp_path / "whole")
+    assert sha(out) == sha(tmp_path / "whole")
+    assert metrics_without_seconds(out) == metrics_without_seconds(tmp_path / "whole")
+
+
+def test_a_trainer_that_cannot_resume_inside_an_epoch_refuses_such_a_checkpoint(tmp_path, same_digits, monkeypatch,
+                                                                             capsys):
+    from gpumlp.train_cpu import CpuTrainer
+    out = tmp_path / "run"
+    run_in_process(*SLOW, "--epochs", "2", "--checkpoint-minutes", "1e-9", "--out", out)
+    epoch, state, best = RunDir(out).load_checkpoint()
+    RunDir(out).save_checkpoint(1, state, best, {"epoch": 2, "images": 40, "loss_total": 1.5, "wrong_total": 3,
+                                                 "seconds": 0.5})
+    monkeypatch.setattr(CpuTrainer, "resumes_mid_epoch", False)  # as the device engines
+    capsys.readouterr()
+    run_in_process("--resume", out, "--epochs", "3", expect=2)
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}/checkpoint.npz was saved inside epoch 2 (40 of {N_TRAIN} training images), and only the CPU "
+        f"trainer resumes inside an epoch: finish it with --resume {out} --device cpu --epochs 2, then resume on "
+        f"this device with --epochs 3")
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == [1, 2], "the refused resume changed the metrics"
+
+
+def test_a_checkpoint_in_the_old_format_still_resumes(tmp_path, same_digits):
+    """Checkpoints written before mid-epoch positions existed hold exactly these arrays; they
+    load as the state after their epoch."""
+    import numpy as np
+    out = tmp_path / "old"
+    run_in_process(*SLOW, "--epochs", "1", "--out", out)
+    with np.load(out / "checkpoint.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    old_names = {"epoch", "best_epoch", "best_val_error", "W0", "b0", "W1", "b1",
+                 "velocity_W0", "velocity_b0", "velocity_W1", "velocity_b1"}
+    np.savez(out / "checkpoint.npz", **{name: arrays[name] for name in old_names})
+    assert RunDir(out).epoch_in_progress() is None
+    run_in_process("--resume", out, "--epochs", "2")
+    run_in_process(*SLOW, "--epochs", "2", "--out", tmp_path / "whole")
+    assert sha(out) == sha(tmp_path / "whole")
 
 
 # -- 5, 6: what a resume may change, and the plan it keeps ----------------------------------------
@@ -439,7 +548,7 @@ def test_an_interrupted_bar_is_cleared_before_the_interrupted_line(tmp_path, sam
     real_progress = training.Progress
     monkeypatch.setattr(training, "Progress", lambda total, epoch, stream: real_progress(total, epoch, terminal))
 
-    def interrupted_half_way(self, epoch, lr, order, progress):
+    def interrupted_half_way(self, epoch, lr, order, progress, **kwargs):
         progress(len(order) // 2)
         raise KeyboardInterrupt
 
@@ -478,7 +587,7 @@ def test_on_a_terminal_the_bar_is_cleared_before_the_interrupted_line(tmp_path):
     _, status = os.waitpid(pid, 0)
     text = output.decode()
     assert os.waitstatus_to_exitcode(status) == 130, text
-    before, _ = text.rsplit("interrupted: epoch 1 is saved", 1)
+    before, _ = text.rsplit("interrupted: epoch 1", 1)
     bar, clearing, rest = before.split("\r")[-3:]
     assert "epoch 2 training:" in bar and "img/s" in bar and clearing.strip() == "" and rest == "", repr(before[-300:])
 
@@ -503,7 +612,8 @@ def test_closing_the_terminal_stops_the_run_like_sighup_and_the_log_says_so(tmp_
     assert os.waitstatus_to_exitcode(status) == 129, output
     assert RunDir(out).checkpoint_epoch() >= 1
     last = (out / "train.log").read_text().splitlines()[-1]
-    assert re.fullmatch(rf"stopped by SIGHUP: epoch \d is saved in {out}; continue with --resume {out}", last), last
+    epoch = RunDir(out).checkpoint_epoch()
+    images_saved(last, saved_line("stopped by SIGHUP", out, epoch))
 
 
 def test_header_states_images_device_and_each_epoch_line_the_run_eta(tmp_path, same_digits, capsys):
