@@ -33,8 +33,8 @@
 //   reduce: the chunks of a column added in increasing chunk order from chunk 0, as backward_reduce.
 
 #include "mlp_common.cuh"
+#include "softmax_row.cuh"
 
-#define FULL_MASK 0xffffffffu
 #define PT_THREADS 256      // 8 warps; train_persistent.PERSISTENT_THREADS mirrors it
 #define PT_WARPS (PT_THREADS / 32)
 #define PT_ROWS 32          // = BU_ROWS of mlp_online.cu: the chunk of the partial sums
@@ -69,56 +69,16 @@ __device__ __forceinline__ void grid_sync(unsigned int* barrier)
 #endif
 }
 
-// Which (value, index) is the argmax: as takes_over in train_step.cu.
-__device__ __forceinline__ bool pt_takes_over(float other_value, int other_index, float value, int index,
-                                              int n_classes)
-{
-    if (other_index == n_classes)
-        return false;
-    if (index == n_classes)
-        return true;
-    return other_value > value || (other_value == value && other_index < index);
-}
-
 // softmax_xent of train_step.cu for ONE row, by one warp: delta[c] = softmax - onehot(label) into
-// shared memory, and (lane 0) the loss and the error added to the epoch totals as finish_step
-// adds them. logits (n_classes,) in global memory, written by this block.
+// shared memory (softmax_xent_row), and (lane 0) the loss and the error added to the epoch totals
+// as finish_step adds them. logits (n_classes,) in global memory, written by this block.
 __device__ __forceinline__ void softmax_row(const float* logits, int label, int n_classes, float* delta,
-                            double* loss_total, int* wrong_total)
+                                            double* loss_total, int* wrong_total)
 {
-    const int lane = threadIdx.x & 31;
-    float best = 0.0f;
-    int best_index = n_classes;
-    for (int c = lane; c < n_classes; c += 32)
-        if (pt_takes_over(logits[c], c, best, best_index, n_classes)) {
-            best = logits[c];
-            best_index = c;
-        }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float other = __shfl_xor_sync(FULL_MASK, best, offset);
-        const int other_index = __shfl_xor_sync(FULL_MASK, best_index, offset);
-        if (pt_takes_over(other, other_index, best, best_index, n_classes)) {
-            best = other;
-            best_index = other_index;
-        }
-    }
-    float total = 0.0f;
-    for (int c = lane; c < n_classes; c += 32)
-        total = __fadd_rn(total, expf(__fsub_rn(logits[c], best)));
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-        total = __fadd_rn(total, __shfl_xor_sync(FULL_MASK, total, offset));
-    for (int c = lane; c < n_classes; c += 32) {
-        const float p = __fdiv_rn(expf(__fsub_rn(logits[c], best)), total);
-        delta[c] = c == label ? __fsub_rn(p, 1.0f) : p;
-    }
-    if (lane == 0) {
-        const bool label_ok = label >= 0 && label < n_classes;
-        const float loss = label_ok ? __fsub_rn(logf(total), __fsub_rn(logits[label], best))
-                                    : __int_as_float(0x7fc00000);
-        loss_total[0] = loss_total[0] + (double)loss;
-        wrong_total[0] += best_index != label;
+    const SoftmaxXent result = softmax_xent_row(logits, label, n_classes, delta);
+    if ((threadIdx.x & 31) == 0) {
+        loss_total[0] = loss_total[0] + (double)result.loss;
+        wrong_total[0] += result.prediction != label;
     }
 }
 

@@ -8,19 +8,7 @@
 // graph captured once for K steps replays unchanged for every chunk of K steps of the epoch. No
 // atomics: bit-repeatable.
 
-#define FULL_MASK 0xffffffffu
-
-// Which of two (value, index) candidates is the argmax: the larger value, the smaller index on
-// ties (numpy's "first maximum"); index == n_classes marks "no candidate" (a lane with no class).
-__device__ __forceinline__ bool takes_over(float other_value, int other_index, float value, int index,
-                                           int n_classes)
-{
-    if (other_index == n_classes)
-        return false;
-    if (index == n_classes)
-        return true;
-    return other_value > value || (other_value == value && other_index < index);
-}
+#include "softmax_row.cuh"
 
 // softmax_xent: per row of logits, softmax, cross-entropy loss, output delta and the argmax; then
 // the step's bookkeeping (what a separate one-thread finish_step kernel did before: fused, the
@@ -31,10 +19,11 @@ __device__ __forceinline__ bool takes_over(float other_value, int other_index, f
 //   wrong 1 rather than an out-of-bounds read. Then loss_total (1,) double += loss[0], loss[1],
 //   ... added one by one in that order, wrong_total (1,) int += sum of wrong, cursor (1,) int += B.
 // ONE block (grid 1: the in-order totals need every row of the step, and blocks cannot wait for
-// each other); its warps take rows warp, warp + warps, ...; lane l handles classes l, l + 32, ...
-// so any C works. The warp's max/argmax and sum use xor butterflies (fixed pairing, so the result
-// is repeatable and identical in every lane). After a barrier (which makes every row's loss and
-// wrong visible to the block), thread 0 adds them up in row order.
+// each other); its warps take rows warp, warp + warps, ...: each row is softmax_xent_row
+// (softmax_row.cuh; lane l handles classes l, l + 32, ..., so any C works; xor butterflies, so
+// the result is repeatable and identical in every lane), and lane 0 writes the row's loss,
+// prediction and wrong. After a barrier (which makes every row's loss and wrong visible to the
+// block), thread 0 adds them up in row order.
 extern "C" __global__ void softmax_xent(const float* __restrict__ logits,
                                         const int* __restrict__ labels,
                                         float* __restrict__ delta,
@@ -49,43 +38,13 @@ extern "C" __global__ void softmax_xent(const float* __restrict__ logits,
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
     for (int row = threadIdx.x >> 5; row < n_rows; row += warps) {   // warp-uniform
-        const float* l = logits + (size_t)row * n_classes;
-
-        float best = 0.0f;
-        int best_index = n_classes;
-        for (int c = lane; c < n_classes; c += 32)
-            if (takes_over(l[c], c, best, best_index, n_classes)) {
-                best = l[c];
-                best_index = c;
-            }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float other = __shfl_xor_sync(FULL_MASK, best, offset);
-            const int other_index = __shfl_xor_sync(FULL_MASK, best_index, offset);
-            if (takes_over(other, other_index, best, best_index, n_classes)) {
-                best = other;
-                best_index = other_index;
-            }
-        }
-
-        float total = 0.0f;
-        for (int c = lane; c < n_classes; c += 32)
-            total = __fadd_rn(total, expf(__fsub_rn(l[c], best)));
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1)
-            total = __fadd_rn(total, __shfl_xor_sync(FULL_MASK, total, offset));
-
         const int label = labels[row];
-        const bool label_ok = label >= 0 && label < n_classes;
-        float* d = delta + (size_t)row * n_classes;
-        for (int c = lane; c < n_classes; c += 32) {
-            const float p = __fdiv_rn(expf(__fsub_rn(l[c], best)), total);
-            d[c] = c == label ? __fsub_rn(p, 1.0f) : p;
-        }
+        const SoftmaxXent row_result =
+            softmax_xent_row(logits + (size_t)row * n_classes, label, n_classes, delta + (size_t)row * n_classes);
         if (lane == 0) {
-            loss[row] = label_ok ? __fsub_rn(logf(total), __fsub_rn(l[label], best)) : __int_as_float(0x7fc00000);
-            prediction[row] = best_index;
-            wrong[row] = best_index != label;
+            loss[row] = row_result.loss;
+            prediction[row] = row_result.prediction;
+            wrong[row] = row_result.prediction != label;
         }
     }
     __syncthreads();   // every row's loss and wrong are written
