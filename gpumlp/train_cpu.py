@@ -77,6 +77,10 @@ class CpuTrainer:
         else:
             self.blas_threads, why = threads, "--threads"
         self.threads_note = f"{self.blas_threads} BLAS thread{'s' * (self.blas_threads > 1)} ({why})"
+        # The next epoch is deformed on a worker thread only where a core is left beside the BLAS
+        # threads: on 2 cores with 2 BLAS threads, measured, the worker slowed the quick recipe's
+        # epochs by 10% against deforming in the critical path on every core.
+        self.prefetch = self.blas_threads < available_cores()
         self.buffers = cpu_fast.Buffers()
         self._deformer = ThreadPoolExecutor(1, thread_name_prefix="deform")
         self._next_deformed: tuple[int, Future] | None = None
@@ -99,7 +103,7 @@ class CpuTrainer:
 
     def deformed_training_set(self, epoch: int, progress=None) -> np.ndarray:
         """This epoch's deformed digits (prepared during the last epoch where it ran here), and the
-        next epoch's started on the worker thread."""
+        next epoch's started on the worker thread where a core is spare (self.prefetch)."""
         if self.deform_config is None:
             return self.train_images
         if self._next_deformed is not None and self._next_deformed[0] == epoch:
@@ -107,7 +111,7 @@ class CpuTrainer:
         else:
             images = self._deform(epoch, progress=progress)   # nothing else runs: every core
         self._next_deformed = None
-        if self.last_epoch is None or epoch < self.last_epoch:
+        if self.prefetch and (self.last_epoch is None or epoch < self.last_epoch):
             # one thread: the worker runs beside the training, which keeps the other core(s)
             self._next_deformed = (epoch + 1, self._deformer.submit(self._deform, epoch + 1, 1))
         return images
