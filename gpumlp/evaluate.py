@@ -66,8 +66,8 @@ def evaluate(run_path, which: str = "best", data_dir=None) -> str:
     if not run_dir.path.is_dir():
         raise RunDirError(f"{run_path}: no such run directory")
     config = run_dir.load_config()
-    if not isinstance(config.get("settings"), dict) or "sizes" not in config:
-        raise RunDirError(f"{run_path}/config.json records no settings or sizes: not a run directory")
+    if "sizes" not in config:   # (load_config has checked the settings)
+        raise RunDirError(f"{run_path}/config.json records no layer sizes: not a run directory")
     file, meaning, _ = WEIGHTS[which]
     epoch, params = load_weights(run_dir.path, which)
     check_sizes(params, config["sizes"], f"{run_path}/{file}")
