@@ -76,9 +76,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_write_npz(path: Path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Signals are held while the archive is built too: a StopRequested raised inside np.savez's
+    ZipFile would be replaced by ZipFile's own error on closing a half-written member."""
+    with stop_signals.held():
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def code_version() -> str:

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpumlp import cli
@@ -235,6 +236,31 @@ def test_a_second_ctrl_c_during_the_final_save_does_not_lose_it(tmp_path):
     images_saved(lines[-1], saved_line("interrupted", out, 1))
     assert RunDir(out).load_checkpoint()[0] == 1
     assert not list(out.glob("**/*.tmp"))
+
+
+class SignalsWhileSaved:
+    """An array that sends SIGTERM to this process when np.savez converts it, i.e. while the
+    archive's member is half-written inside ZipFile."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return self.values
+
+
+def test_a_signal_while_an_npz_archive_is_built_waits_until_the_file_is_whole(tmp_path):
+    """Without signals held around np.savez, the StopRequested raised inside ZipFile is replaced by
+    ZipFile's "Can't close the ZIP file while there is an open writing handle" (a traceback)."""
+    from gpumlp import stop_signals
+    from gpumlp.rundir import atomic_write_npz
+    path = tmp_path / "state.npz"
+    with pytest.raises(stop_signals.StopRequested) as stop, stop_signals.handled():
+        atomic_write_npz(path, first=np.arange(3.0), second=SignalsWhileSaved(np.ones(1000)), third=np.zeros(2))
+    assert stop.value.exit_code == 143
+    with np.load(path) as saved:
+        assert sorted(saved.files) == ["first", "second", "third"] and saved["second"].sum() == 1000
 
 
 def test_a_signal_during_a_periodic_checkpoint_waits_for_the_rename(tmp_path):
