@@ -23,8 +23,8 @@ from helpers import assert_close, first_state_difference, weights_sha
 
 ODD = [37, 29, 23]    # 841-37-29-23-10: every layer smaller than a register tile's 16 rows per block
 MIXED = [70, 40]      # 841-70-40-10 on 2 blocks: 35 rows of layer 0 per block, 16 of them in registers
-# 10 rows of 841 in shared memory: block 0 keeps layer 0's rows 16..25 there and rows 26..34, all of
-# layer 1 and the output layer in global memory.
+# 10 rows of 841 in shared memory: block 0 keeps layer 0's rows 16..25 there and rows 26..34 and all
+# of layer 1 in global memory; every block keeps its copy of the output layer in its scratch.
 MIXED_CAPACITY = 10 * 841
 QUIET = lambda line: None  # noqa: E731
 CLI_NET = ["--hidden", "70", "40", "--train-images", "20", "--test-images", "20", "--lr", "0.01",
@@ -45,10 +45,10 @@ def test_the_plan_puts_rows_in_registers_shared_memory_and_global_memory():
     """The MIXED launch of the tests below really uses all three places (spread_plan's mirror)."""
     sizes = nets.layer_sizes(MIXED)
     assert spread_plan.register_layer(sizes, 2) == 0
-    assert spread_plan.block_storage(sizes, 0, 2, MIXED_CAPACITY) == spread_plan.BlockStorage((16, 0, 0), (10, 0, 0),
-                                                                                             (9, 20, 10))
-    assert spread_plan.block_storage(sizes, 1, 2, MIXED_CAPACITY) == spread_plan.BlockStorage((16, 0, 0), (10, 0, 0),
-                                                                                             (9, 20, 0))
+    assert spread_plan.block_storage(sizes, 0, 2, MIXED_CAPACITY) == spread_plan.BlockStorage(
+        (16, 0, 0), (10, 0, 0), (9, 20, 0), (0, 0, 10))
+    assert spread_plan.block_storage(sizes, 1, 2, MIXED_CAPACITY) == spread_plan.BlockStorage(
+        (16, 0, 0), (10, 0, 0), (9, 20, 0), (0, 0, 10))
 
 
 # ---- one online step against the numpy reference -----------------------------------------------
@@ -226,7 +226,7 @@ def test_a_planted_missing_syncthreads_is_caught_by_reversed_threads(data100):
     inputs other threads have not written yet: with threads run last to first on poisoned shared
     memory the weights differ from the kernel's as it is."""
     source = (KERNEL_DIR / SOURCE).read_text()
-    planted = "                    x_shared[j] = __ldcg(x + j);\n                __syncthreads();\n"
+    planted = "                        s.x[j] = __ldcg(plan[l - 1].y + j);\n                    __syncthreads();\n"
     assert source.count(planted) == 1
     states = []
     for name, text in (("as_is", source), ("missing_syncthreads", source.replace(planted, planted.split("\n")[0] + "\n"))):
