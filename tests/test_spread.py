@@ -61,55 +61,47 @@ def carried(W, errors, c: float = 2.0) -> np.ndarray:
     return c * np.sqrt((W.astype(np.float64) ** 2) @ (errors ** 2))
 
 
-def reference_step_with_bounds(params, x, label, lr, momentum):
-    """One online step of the reference from `params` (updated in place) on image x (841,), and the
-    bound of every quantity the spread kernel computes in another order. Why each term:
+def online_step_bounds(params, x, label, lr):
+    """The bound of every quantity one online step (R.train_online_ref) from `params` on image x
+    (n_in,) computes, where the spread kernel sums in another order. Why each term:
       * a layer's pre-activation is an n_in-term sum in another order than numpy's BLAS:
         sum_tolerance(|W||x| + |b|, n_in), plus what the input's own errors carry through W
-        (`carried`); the scaled tanh
-        multiplies both by at most A B and adds a few ulp (PAPER_RTOL |y|);
+        (`carried`); the scaled tanh multiplies both by at most A B and adds a few ulp
+        (PAPER_RTOL |y|);
       * delta_out = softmax - onehot moves by at most half the largest logit error (the softmax's
         row of derivatives sums to 2 p (1 - p) <= 1/2 in absolute value), plus SOFTMAX's expf ulps;
         the loss by at most twice it (its derivatives p - onehot sum to <= 2 in absolute value);
       * a hidden delta (delta_above W) f'(y) is an n_out-term sum in another order (spread: a chain
         per block, then a tree over blocks): sum_tolerance(|delta_above||W|, n_out) plus what
-        delta_above's errors carry through W, times |f'(y)|, plus |delta_above W| times y's bound times max |f''| = 2 B;
+        delta_above's errors carry through W, times |f'(y)|, plus |delta_above W| times y's bound
+        times max |f''| = 2 B;
       * the step lr (delta_i x_j) carries delta's and x's bounds (the rounding of W + step is the
         rtol PAPER_RTOL |W| the comparison adds); the velocities start at 0, so they carry the same.
-    Returns (activations [x, y_1, ..., logits], their bounds, loss, loss bound, W/b bounds,
-    velocities after the step)."""
+    Returns (activations [x, y_1, ..., logits], their bounds, loss bound, [(W bound, b bound)])."""
     f64 = np.float64
-    activations, bounds = [x], [np.zeros(x.shape, f64)]
+    activations = R.forward_all(params, x[None])
+    bounds = [np.zeros(x.shape, f64)]
     last = len(params) - 1
     for layer, (W, b) in enumerate(params):
-        x_in, e_in = activations[-1], bounds[-1]
-        y = R.layer_forward_ref(W, b, x_in[None], activate=layer < last)[0]
+        x_in, e_in = activations[layer][0], bounds[-1]
         pre = sum_tolerance(abs_products(x_in, W.T) + np.abs(b), W.shape[1]) + carried(W, e_in)
-        bounds.append((TANH_SLOPE if layer < last else 1.0) * pre + PAPER_RTOL * np.abs(y))
-        activations.append(y)
-    soft = R.softmax_xent_ref(activations[-1][None], np.array([label]))
+        bounds.append((TANH_SLOPE if layer < last else 1.0) * pre + PAPER_RTOL * np.abs(activations[layer + 1][0]))
     worst_logit = bounds[-1].max()
-    delta = soft["delta"][0]
+    delta = R.softmax_xent_ref(activations[-1], np.array([label]))["delta"][0]
     delta_bound = 0.5 * worst_logit + SOFTMAX["atol"] + SOFTMAX["rtol"] * np.abs(delta)
-    loss_bound = 2 * worst_logit + LOSS["atol"]
     update_bounds = [None] * len(params)
-    velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
     for layer in range(last, -1, -1):
-        W, b = params[layer]
-        x_in, e_in = activations[layer], bounds[layer]
+        W = params[layer][0]
+        x_in, e_in = activations[layer][0], bounds[layer]
         update_bounds[layer] = (lr * (delta_bound[:, None] * np.abs(x_in)[None] + np.abs(delta)[:, None] * e_in[None]),
                                 lr * delta_bound)
-        below = below_bound = None
         if layer:
-            y = activations[layer]
-            g = (delta @ W).astype(np.float64)
-            slope = np.abs(R.scaled_tanh_derivative_from_output(y)).astype(f64)
+            g = (delta @ W).astype(f64)
+            slope = np.abs(R.scaled_tanh_derivative_from_output(x_in)).astype(f64)
             g_bound = sum_tolerance(np.abs(delta).astype(f64) @ np.abs(W), W.shape[0]) + carried(W.T, delta_bound)
-            below = R.backprop_delta_ref(W, delta[None], y[None])[0]
-            below_bound = slope * g_bound + np.abs(g) * 2 * float(R.TANH_B) * e_in + PAPER_RTOL * np.abs(below)
-        R.sgd_update_ref(W, b, delta[None], x_in[None], lr, momentum, *velocities[layer])
-        delta, delta_bound = below, below_bound
-    return activations, bounds, float(soft["loss"][0]), loss_bound, update_bounds, velocities
+            delta = R.backprop_delta_ref(W, delta[None], x_in[None])[0]
+            delta_bound = slope * g_bound + np.abs(g) * 2 * float(R.TANH_B) * e_in + PAPER_RTOL * np.abs(delta)
+    return [a[0] for a in activations], bounds, 2 * worst_logit + LOSS["atol"], update_bounds
 
 
 @pytest.mark.parametrize("hidden, options, momentum", [
@@ -134,9 +126,11 @@ def test_one_online_step_matches_the_reference_within_sum_length_bounds(data100,
     trainer.launch(1)
     params = nets.init_params(config.sizes, config.seed)
     initial = [W.copy() for W, _ in params]
+    images, labels = d.to_host(trainer.epoch_images), d.to_host(trainer.train_labels)
     sample = int(order[0])
-    acts, act_bounds, loss, loss_bound, update_bounds, velocities = reference_step_with_bounds(
-        params, d.to_host(trainer.epoch_images)[sample], int(d.to_host(trainer.train_labels)[sample]), lr, momentum)
+    acts, act_bounds, loss_bound, update_bounds = online_step_bounds(params, images[sample], int(labels[sample]), lr)
+    velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
+    loss, _ = R.train_online_ref(params, velocities, images, labels, order, 0, 1, lr, momentum)
     device_acts = [d.to_host(a).reshape(-1) for a in trainer.buffers[1]["activations"]]   # (1, n_out) each
     checks = [(f"forward y_{layer}", got, ref, bound)
               for layer, (got, ref, bound) in enumerate(zip(device_acts, acts[1:], act_bounds[1:]))]
