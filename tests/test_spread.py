@@ -275,6 +275,20 @@ def test_stopped_and_resumed_ends_with_the_same_weights(data100, tmp_path, capsy
     assert json.loads((cut.path / "config.json").read_text())["engine"] == "spread"
 
 
+def test_resume_may_move_a_run_between_spread_and_the_other_engines(data100, tmp_path):
+    """--engine is resumable: a run begun on spread goes on with graph, then back on spread; the
+    log names each engine and config.json the engine of the latest session."""
+    train(tmp_path / "run", "--epochs", "1")
+    assert cli.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--engine", "graph"]) == 0
+    assert cli.main(["--resume", str(tmp_path / "run"), "--epochs", "3", "--engine", "spread"]) == 0
+    run = RunDir(tmp_path / "run")
+    log = run.log_path().read_text()
+    assert log.count("engine: spread (requested)") == 2 and log.count("engine: graph (requested)") == 1
+    assert [m["epoch"] for m in run.read_metrics()] == [1, 2, 3]
+    config = json.loads((run.path / "config.json").read_text())
+    assert (config["engine"], config["settings"]["engine"]) == ("spread", "spread")
+
+
 def test_engine_spread_refuses_minibatches(data100, tmp_path, capsys):
     assert cli.main(["--device", "emulate", *CLI_NET, "--engine", "spread", "--batch-size", "4",
                      "--out", str(tmp_path / "x")]) == 2
