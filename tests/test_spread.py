@@ -53,61 +53,63 @@ def test_the_plan_puts_rows_in_registers_shared_memory_and_global_memory():
 
 # ---- one online step against the numpy reference -----------------------------------------------
 
-def reference_step_with_bounds(params, x, label, lr, momentum):
-    """One online step of the reference from `params` (updated in place) on image x (841,), and the
-    bound of every quantity the spread kernel computes in another order. Why each term:
+def carried(W, errors, c: float = 2.0) -> np.ndarray:
+    """What input errors (bounds `errors`, (n_in,)) carry through the sums W @ x, W (n_out, n_in):
+    they come from independent roundings, so they add like a random walk, as sum_tolerance assumes
+    of the sums' own roundings: c sqrt(sum_k W_ik^2 e_k^2) (the worst case sum_k |W_ik| e_k grows
+    with every layer's width and is ~30 times looser at net 1's)."""
+    return c * np.sqrt((W.astype(np.float64) ** 2) @ (errors ** 2))
+
+
+def online_step_bounds(params, x, label, lr):
+    """The bound of every quantity one online step (R.train_online_ref) from `params` on image x
+    (n_in,) computes, where the spread kernel sums in another order. Why each term:
       * a layer's pre-activation is an n_in-term sum in another order than numpy's BLAS:
-        sum_tolerance(|W||x| + |b|, n_in), plus the input's own bound through |W|; the scaled tanh
-        multiplies both by at most A B and adds a few ulp (PAPER_RTOL |y|);
+        sum_tolerance(|W||x| + |b|, n_in), plus what the input's own errors carry through W
+        (`carried`); the scaled tanh multiplies both by at most A B and adds a few ulp
+        (PAPER_RTOL |y|);
       * delta_out = softmax - onehot moves by at most half the largest logit error (the softmax's
         row of derivatives sums to 2 p (1 - p) <= 1/2 in absolute value), plus SOFTMAX's expf ulps;
         the loss by at most twice it (its derivatives p - onehot sum to <= 2 in absolute value);
       * a hidden delta (delta_above W) f'(y) is an n_out-term sum in another order (spread: a chain
-        per block, then a tree over blocks): sum_tolerance(|delta_above||W|, n_out) plus delta_above's
-        bound through |W|, times |f'(y)|, plus |delta_above W| times y's bound times max |f''| = 2 B;
+        per block, then a tree over blocks): sum_tolerance(|delta_above||W|, n_out) plus what
+        delta_above's errors carry through W, times |f'(y)|, plus |delta_above W| times y's bound
+        times max |f''| = 2 B;
       * the step lr (delta_i x_j) carries delta's and x's bounds (the rounding of W + step is the
         rtol PAPER_RTOL |W| the comparison adds); the velocities start at 0, so they carry the same.
-    Returns (activations [x, y_1, ..., logits], their bounds, loss, loss bound, W/b bounds,
-    velocities after the step)."""
+    Returns (activations [x, y_1, ..., logits], their bounds, loss bound, [(W bound, b bound)])."""
     f64 = np.float64
-    activations, bounds = [x], [np.zeros(x.shape, f64)]
+    activations = R.forward_all(params, x[None])
+    bounds = [np.zeros(x.shape, f64)]
     last = len(params) - 1
     for layer, (W, b) in enumerate(params):
-        x_in, e_in = activations[-1], bounds[-1]
-        y = R.layer_forward_ref(W, b, x_in[None], activate=layer < last)[0]
-        pre = sum_tolerance(abs_products(x_in, W.T) + np.abs(b), W.shape[1]) + np.abs(W).astype(f64) @ e_in
-        bounds.append((TANH_SLOPE if layer < last else 1.0) * pre + PAPER_RTOL * np.abs(y))
-        activations.append(y)
-    soft = R.softmax_xent_ref(activations[-1][None], np.array([label]))
+        x_in, e_in = activations[layer][0], bounds[-1]
+        pre = sum_tolerance(abs_products(x_in, W.T) + np.abs(b), W.shape[1]) + carried(W, e_in)
+        bounds.append((TANH_SLOPE if layer < last else 1.0) * pre + PAPER_RTOL * np.abs(activations[layer + 1][0]))
     worst_logit = bounds[-1].max()
-    delta = soft["delta"][0]
+    delta = R.softmax_xent_ref(activations[-1], np.array([label]))["delta"][0]
     delta_bound = 0.5 * worst_logit + SOFTMAX["atol"] + SOFTMAX["rtol"] * np.abs(delta)
-    loss_bound = 2 * worst_logit + LOSS["atol"]
     update_bounds = [None] * len(params)
-    velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
     for layer in range(last, -1, -1):
-        W, b = params[layer]
-        x_in, e_in = activations[layer], bounds[layer]
+        W = params[layer][0]
+        x_in, e_in = activations[layer][0], bounds[layer]
         update_bounds[layer] = (lr * (delta_bound[:, None] * np.abs(x_in)[None] + np.abs(delta)[:, None] * e_in[None]),
                                 lr * delta_bound)
-        below = below_bound = None
         if layer:
-            y = activations[layer]
-            g = (delta @ W).astype(np.float64)
-            slope = np.abs(R.scaled_tanh_derivative_from_output(y)).astype(f64)
-            g_bound = sum_tolerance(np.abs(delta).astype(f64) @ np.abs(W), W.shape[0]) + delta_bound @ np.abs(W)
-            below = R.backprop_delta_ref(W, delta[None], y[None])[0]
-            below_bound = slope * g_bound + np.abs(g) * 2 * float(R.TANH_B) * e_in + PAPER_RTOL * np.abs(below)
-        R.sgd_update_ref(W, b, delta[None], x_in[None], lr, momentum, *velocities[layer])
-        delta, delta_bound = below, below_bound
-    return activations, bounds, float(soft["loss"][0]), loss_bound, update_bounds, velocities
+            g = (delta @ W).astype(f64)
+            slope = np.abs(R.scaled_tanh_derivative_from_output(x_in)).astype(f64)
+            g_bound = sum_tolerance(np.abs(delta).astype(f64) @ np.abs(W), W.shape[0]) + carried(W.T, delta_bound)
+            delta = R.backprop_delta_ref(W, delta[None], x_in[None])[0]
+            delta_bound = slope * g_bound + np.abs(g) * 2 * float(R.TANH_B) * e_in + PAPER_RTOL * np.abs(delta)
+    return [a[0] for a in activations], bounds, 2 * worst_logit + LOSS["atol"], update_bounds
 
 
 @pytest.mark.parametrize("hidden, options, momentum", [
     (ODD, dict(blocks=3), 0.5),
     (ODD, dict(blocks=30), 0.0),
     (MIXED, dict(blocks=2, shared_weight_floats=MIXED_CAPACITY), 0.5),
-], ids=["odd-3-blocks", "odd-30-blocks-some-own-nothing", "mixed-registers-shared-global"])
+    ([1000, 500], dict(blocks=8), 0.5),
+], ids=["odd-3-blocks", "odd-30-blocks-some-own-nothing", "mixed-registers-shared-global", "net-1-8-blocks"])
 def test_one_online_step_matches_the_reference_within_sum_length_bounds(data100, hidden, options, momentum):
     """Forward outputs, loss and every layer's W and b after one step from the same weights, each
     within its bound (reference_step_with_bounds says why) + PAPER_RTOL |ref|; the step must move
@@ -115,15 +117,20 @@ def test_one_online_step_matches_the_reference_within_sum_length_bounds(data100,
     config = config_for(hidden, momentum, augment=False)
     trainer = spread_trainer(data100, config, **options)
     d = trainer.device
+    if config.sizes[1] == 1000:   # net 1 on 8 blocks: 125 rows of 841 per block fill the opt-in shared memory
+        assert trainer.plan.shared_bytes > 48 * 1024
+        assert trainer.kernel.max_dynamic_shared_size_bytes >= trainer.plan.shared_bytes
     lr = 0.05
     order = epoch_order(0, 1, trainer.n_train)
     trainer.begin_epoch(1, lr, order)
     trainer.launch(1)
     params = nets.init_params(config.sizes, config.seed)
     initial = [W.copy() for W, _ in params]
+    images, labels = d.to_host(trainer.epoch_images), d.to_host(trainer.train_labels)
     sample = int(order[0])
-    acts, act_bounds, loss, loss_bound, update_bounds, velocities = reference_step_with_bounds(
-        params, d.to_host(trainer.epoch_images)[sample], int(d.to_host(trainer.train_labels)[sample]), lr, momentum)
+    acts, act_bounds, loss_bound, update_bounds = online_step_bounds(params, images[sample], int(labels[sample]), lr)
+    velocities = [(np.zeros_like(W), np.zeros_like(b)) for W, b in params]
+    loss, _ = R.train_online_ref(params, velocities, images, labels, order, 0, 1, lr, momentum)
     device_acts = [d.to_host(a).reshape(-1) for a in trainer.buffers[1]["activations"]]   # (1, n_out) each
     checks = [(f"forward y_{layer}", got, ref, bound)
               for layer, (got, ref, bound) in enumerate(zip(device_acts, acts[1:], act_bounds[1:]))]
@@ -266,6 +273,20 @@ def test_stopped_and_resumed_ends_with_the_same_weights(data100, tmp_path, capsy
     cut = RunDir(tmp_path / "cut")
     assert weights_sha(cut) == weights_sha(whole)
     assert json.loads((cut.path / "config.json").read_text())["engine"] == "spread"
+
+
+def test_resume_may_move_a_run_between_spread_and_the_other_engines(data100, tmp_path):
+    """--engine is resumable: a run begun on spread goes on with graph, then back on spread; the
+    log names each engine and config.json the engine of the latest session."""
+    train(tmp_path / "run", "--epochs", "1")
+    assert cli.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--engine", "graph"]) == 0
+    assert cli.main(["--resume", str(tmp_path / "run"), "--epochs", "3", "--engine", "spread"]) == 0
+    run = RunDir(tmp_path / "run")
+    log = run.log_path().read_text()
+    assert log.count("engine: spread (requested)") == 2 and log.count("engine: graph (requested)") == 1
+    assert [m["epoch"] for m in run.read_metrics()] == [1, 2, 3]
+    config = json.loads((run.path / "config.json").read_text())
+    assert (config["engine"], config["settings"]["engine"]) == ("spread", "spread")
 
 
 def test_engine_spread_refuses_minibatches(data100, tmp_path, capsys):
