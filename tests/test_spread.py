@@ -51,6 +51,21 @@ def test_the_plan_puts_rows_in_registers_shared_memory_and_global_memory():
                                                                                              (9, 20, 0))
 
 
+def test_the_kernels_scratch_layout_is_spread_plans():
+    """The kernel sizes its delta array as ceil(n_out / G) rows per hidden layer (the largest of the
+    integer-division ranges) and all of the output layer's, and puts the weights after x, delta
+    and the register reduction: spread_plan.scratch_floats must be that sum, else the weights
+    would overrun the shared memory the launch gives (which no emulator check would see)."""
+    source = (KERNEL_DIR / SOURCE).read_text()
+    assert "max_rows = max(max_rows, l == last ? n_out : (n_out + grid - 1) / grid);" in source
+    assert "shared_memory + max_in + max_rows + SP_WARPS * SP_REG_ROWS;" in source
+    for hidden in (ODD, MIXED, [1000, 500], [2500, 2000, 1500, 1000, 500]):
+        sizes = nets.layer_sizes(hidden)
+        for blocks in (1, 2, 7, 64, 132):
+            kernel_rows = max([sizes[-1]] + [-(-n_out // blocks) for n_out in sizes[1:-1]])
+            assert spread_plan.scratch_floats(sizes, blocks) == max(sizes[:-1]) + kernel_rows + 8 * 16, (hidden, blocks)
+
+
 # ---- one online step against the numpy reference -----------------------------------------------
 
 def carried(W, errors, c: float = 2.0) -> np.ndarray:
