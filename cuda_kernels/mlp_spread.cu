@@ -289,11 +289,13 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                     // top; -0 is the identity of the sum), times f'(y_l[i])
                     const SpreadLayer& above = plan[l + 1];
                     const bool above_is_output = l + 1 == last;
+                    // a hidden layer of at least G rows gives every block some: no divisions
+                    const bool every_block_owns = !above_is_output && above.n_out >= grid;
                     for (int r = warp; r < p.rows; r += SP_WARPS) {
                         const int i = p.row_begin + r;
                         float sum = -0.0f;
                         for (int owner = lane; owner < grid; owner += 32)
-                            if (owns_rows(above.n_out, owner, grid, above_is_output))
+                            if (every_block_owns || owns_rows(above.n_out, owner, grid, above_is_output))
                                 sum = __fadd_rn(sum, __ldcg(above.partial + (size_t)owner * above.n_in + i));
 #pragma unroll
                         for (int offset = 16; offset > 0; offset >>= 1)
