@@ -1,0 +1,562 @@
+// The spread online (batch size 1) engine: ONE cooperative launch trains `steps` consecutive
+// images of the epoch, every hidden layer spread over the whole grid so that each phase keeps
+// every SM busy. It sums in ANOTHER order than the graph and persistent engines (its own
+// tolerance test, tests/test_spread.py); its result is still the same bits in every block order
+// and wherever the weights are kept. Python mirror of the plan: gpumlp/spread_plan.py.
+//
+// Ownership. Hidden layer l (W_l is (n_out, n_in)) is cut into G = gridDim.x ranges of rows:
+// block b owns rows [b n_out / G, (b + 1) n_out / G) (integer division; a block may own none when
+// n_out < G). The owner does everything to its rows, for every image of the launch: their forward
+// outputs, their deltas, their partial sums of delta W and their SGD steps. The output layer (W_out
+// (n_classes, n_in_last), b_out and, with momentum, their velocities) is replicated: every block
+// keeps its own copy in shared memory and does the same operations on the same data in the same
+// order, so all copies hold the same bits; block 0 writes its copy back at the end of the launch.
+//
+// Storage of a block's rows of each hidden layer, in row order (spread_plan.block_storage):
+// - layer `register_layer` (-1: none): its first min(rows, SP_REG_ROWS) rows are held in a
+//   register tile wreg[SP_REG_ROWS][SP_REG_COLS], thread t holding columns t + SP_THREADS k of each
+//   (n_in <= SP_THREADS SP_REG_COLS); every index of wreg is a compile-time constant after unrolling
+//   (rows and columns beyond the real ones are masked), so that the tile stays in registers;
+// - the next rows of every hidden layer, layer 0 first, fill the weight part of dynamic shared
+//   memory densely ((rows, n_in) per layer) while a whole row still fits in shared_weight_floats;
+// - the rest are read and written in place in W (global memory, L2).
+// Register and shared rows are loaded from W at the start of the launch and written back at its
+// end. Hidden biases and velocities stay in global memory. lr and momentum are read from device
+// memory.
+//
+// Exchanges. Only activations y_l and partial sums cross between blocks, through global memory,
+// with a grid-wide barrier between the writes and the reads:
+//   forward:  owners write y_l[rows]               -> grid barrier -> every block reads all of y_l
+//   output:   every block computes the logits, the softmax and delta_out from all of y_{L-2}, the
+//             deltas of its own rows of layer L-2 from its copy of W_out, and its copy's step:
+//             no exchange;
+//   backward: owners write partial_l[block, :]     -> grid barrier -> the owner of rows i0..i1 of
+//             layer l-1 loads partial_l[b', i0..i1) of every owner b' of layer l (one contiguous
+//             segment each) into shared memory, sums them and applies f'(y_{l-1}[i])
+// i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
+// after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
+// backward pass (below): 2.
+// Every backward phase waits on L2 once for its inputs: its loads (the partial segments, its rows'
+// y, the step's input x, and in layer 0's phase the next image) are issued in one pass before one
+// __syncthreads; the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
+// (Weights kept in global memory, hidden velocities and biases are read where they live, in the
+// step.)
+// Why no barrier between images: every buffer another block reads is rewritten only after a grid
+// barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
+// phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
+// output phase, and its next write (the next image's forward pass of layer L-2) comes after the
+// L - 2 >= 1 barriers of the backward passes of layers L-2 .. 1 — for L = 2 there are none, so the
+// output phase ends with a barrier there too. The next image is prefetched into `image` (shared, the
+// block's own) in layer 0's backward pass (L = 2: in the output phase), after this image's forward
+// pass of layer 0 (its only reader) has passed a __syncthreads; it is read in the next image's
+// forward pass of layer 0, after the __syncthreads that ends the phase. The first image of a launch
+// is loaded at its start.
+//
+// The order of every sum (fixed: independent of the block order and of where weights are kept):
+//   forward, register rows: thread t adds w[r][t + 256 k] x[t + 256 k] in increasing k in one fmaf
+//     chain per row; the chain of each warp's lanes is added by an xor butterfly; then the 8 warps'
+//     sums in warp order, then the bias;
+//   forward, other rows and the logits: one warp per row, row_forward (row_forward.cuh:
+//     layer_forward_mv's order);
+//   delta of row i of layer L-2: one fmaf chain of W_out[c][i] delta_out[c] (the OLD W_out) in
+//     increasing c from 0, times f'(y_{L-2}[i]);
+//   delta of row i of hidden layer l < L-2: lane m of a warp adds partial_{l+1}[b', i] for the
+//     owners b' = m + 32 k of layer l + 1, in increasing k, then an xor butterfly, then times
+//     f'(y_l[i]);
+//   partial_l[b, j] (and the step of W[i, j]): thread t takes columns j = t + 256 k in increasing k
+//     and walks the block's rows of column j in row order with ONE fmaf chain of the OLD weight
+//     times delta, taking each weight's step as sgd_step does (step = lr (delta_i x_j)).
+// No floating-point atomics.
+
+#include "mlp_common.cuh"
+#include "softmax_row.cuh"
+#include "grid_sync.cuh"
+#include "row_forward.cuh"
+
+#define SP_THREADS 256      // 8 warps; spread_plan.THREADS mirrors it
+#define SP_WARPS (SP_THREADS / 32)
+#define SP_REG_ROWS 16      // spread_plan.REGISTER_ROWS
+#define SP_REG_COLS 10      // spread_plan.REGISTER_COLUMNS: the tile covers n_in <= 2560
+#define SP_MAX_LAYERS 12    // spread_plan.MAX_LAYERS
+#define SP_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
+
+// Where a block finds its part of each layer, computed once per launch by thread 0.
+struct SpreadLayer {
+    float *W, *b, *vW, *vb, *y;
+    int n_out, n_in;
+    int row_begin, rows;    // the block's rows [row_begin, row_begin + rows) (the output layer: all)
+    int register_rows;      // the first register_rows of them in the register tile,
+    int shared_rows;        // the next shared_rows in `shared` ((shared_rows, n_in)), the rest in W
+    float* shared;
+    float* partial;         // (gridDim.x, n_in) partial sums of this hidden layer (layer 0: none)
+};
+
+// The scratch part of dynamic shared memory (spread_plan.scratch_floats, in this order).
+struct SpreadScratch {
+    float* x;          // (max n_in,) the layer's input
+    float* image;      // (sizes[0],) the image of layer 0's forward pass (prefetched)
+    float* delta;      // (max rows per block,) the deltas of the block's rows of a hidden layer
+    float* reduce;     // (SP_WARPS, SP_REG_ROWS) the register tile's forward reduction
+    float* exchange;   // the owners' partials (grid, rows | 1), or the top hidden layer's input
+    float* logits;     // (n_classes,)
+    float* delta_out;  // (n_classes,) softmax - onehot
+    float *W_out, *b_out, *vW_out, *vb_out;   // the block's copy of the output layer (n_classes, n_in)
+};
+
+// [begin, end) of the rows of hidden layer with n_out rows that `block` owns.
+__device__ __forceinline__ int first_row(int n_out, int block, int blocks)
+{
+    return (int)((long long)block * n_out / blocks);
+}
+
+// Whether `block` owns rows of a hidden layer of n_out rows (first_row's ranges). With n_out >=
+// blocks every block does; else the products are below blocks^2 and 32-bit arithmetic is exact
+// (no 64-bit division in the loops that call it).
+__device__ __forceinline__ bool owns_rows(int n_out, int block, int blocks)
+{
+    return n_out >= blocks || (block + 1) * n_out / blocks > block * n_out / blocks;
+}
+
+// Row r of the block's rows (r >= register_rows): in shared memory or in W.
+__device__ __forceinline__ float* memory_row(const SpreadLayer& p, int r)
+{
+    const int s = r - p.register_rows;
+    return s < p.shared_rows ? p.shared + (size_t)s * p.n_in : p.W + (size_t)(p.row_begin + r) * p.n_in;
+}
+
+// Copies the block's shared rows of the hidden layers between W (global) and shared memory.
+__device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hidden_layers, bool to_shared)
+{
+    for (int l = 0; l < hidden_layers; ++l) {
+        const SpreadLayer& p = plan[l];
+        float* global_rows = p.W + (size_t)(p.row_begin + p.register_rows) * p.n_in;
+        for (int e = threadIdx.x; e < p.shared_rows * p.n_in; e += blockDim.x) {
+            if (to_shared)
+                p.shared[e] = global_rows[e];
+            else
+                global_rows[e] = p.shared[e];
+        }
+    }
+}
+
+// Copies the output layer (W, b and, with `velocities`, vW, vb) between global memory and the
+// block's copy in shared memory.
+__device__ __forceinline__ void copy_output_layer(const SpreadLayer& out, const SpreadScratch& s, bool velocities,
+                                                  bool to_shared)
+{
+    const int weights = out.n_out * out.n_in;
+    for (int e = threadIdx.x; e < weights + out.n_out; e += blockDim.x) {
+        const bool bias = e >= weights;
+        float* global_value = bias ? out.b + (e - weights) : out.W + e;
+        float* shared_value = bias ? s.b_out + (e - weights) : s.W_out + e;
+        float* global_velocity = bias ? out.vb + (e - weights) : out.vW + e;
+        float* shared_velocity = bias ? s.vb_out + (e - weights) : s.vW_out + e;
+        if (to_shared) {
+            *shared_value = *global_value;
+            if (velocities)
+                *shared_velocity = *global_velocity;
+        } else {
+            *global_value = *shared_value;
+            if (velocities)
+                *global_velocity = *shared_velocity;
+        }
+    }
+}
+
+// Forward of the register rows: y[row_begin + r] = act(w_r . x + b) for r < register_rows.
+// x (n_in,) in shared memory; reduce (SP_WARPS, SP_REG_ROWS) shared scratch. Every thread calls it.
+__device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
+                                                 const float* x, float* reduce)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float acc[SP_REG_ROWS];
+#pragma unroll
+    for (int r = 0; r < SP_REG_ROWS; ++r)
+        acc[r] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < SP_REG_COLS; ++k) {
+        const int j = threadIdx.x + SP_THREADS * k;
+        if (j < p.n_in) {
+            const float xj = x[j];
+#pragma unroll
+            for (int r = 0; r < SP_REG_ROWS; ++r)
+                acc[r] = fmaf(wreg[r][k], xj, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SP_REG_ROWS; ++r) {
+        float sum = acc[r];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+            sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
+        if (lane == 0)
+            reduce[warp * SP_REG_ROWS + r] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x < p.register_rows) {
+        float sum = reduce[threadIdx.x];
+        for (int w = 1; w < SP_WARPS; ++w)
+            sum = __fadd_rn(sum, reduce[w * SP_REG_ROWS + threadIdx.x]);
+        const int row = p.row_begin + threadIdx.x;
+        p.y[row] = scaled_tanh(__fadd_rn(sum, p.b[row]));
+    }
+}
+
+// Column j of the block's rows in memory (register_rows .. rows - 1): continues the fmaf chain
+// `acc` of the column's OLD weights times delta and takes every weight's step. Returns the chain.
+__device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int j, float xj, const float* delta,
+                                                      float acc, float lr, float momentum, bool use_momentum)
+{
+    for (int r = p.register_rows; r < p.rows; ++r) {
+        float* w = memory_row(p, r) + j;
+        float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
+        const float d = delta[r];
+        acc = fmaf(*w, d, acc);   // the OLD weight
+        sgd_step(w, v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+    }
+    return acc;
+}
+
+// The step of the block's rows of hidden layer l (p) from its deltas (shared, (rows,)) and its
+// input x (shared, (n_in,)), and for l >= 1 the block's partial row partial_l[blockIdx.x, :].
+// Thread t: columns t + 256 k, each down the block's rows in row order; then the biases.
+__device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
+                                              bool in_register_tile, bool write_partial, const float* x,
+                                              const float* delta, float lr, float momentum, bool use_momentum)
+{
+    float* const block_partial = write_partial ? p.partial + (size_t)blockIdx.x * p.n_in : nullptr;
+    if (in_register_tile) {
+#pragma unroll
+        for (int k = 0; k < SP_REG_COLS; ++k) {
+            const int j = threadIdx.x + SP_THREADS * k;
+            if (j < p.n_in) {
+                const float xj = x[j];
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < SP_REG_ROWS; ++r)
+                    if (r < p.register_rows) {
+                        const float d = delta[r];
+                        float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
+                        acc = fmaf(wreg[r][k], d, acc);   // the OLD weight
+                        wreg[r][k] = sgd_stepped(wreg[r][k], v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum,
+                                                 use_momentum);
+                    }
+                acc = memory_column_update(p, j, xj, delta, acc, lr, momentum, use_momentum);
+                if (write_partial)
+                    block_partial[j] = acc;
+            }
+        }
+    } else {
+        for (int j = threadIdx.x; j < p.n_in; j += blockDim.x) {
+            const float acc = memory_column_update(p, j, x[j], delta, 0.0f, lr, momentum, use_momentum);
+            if (write_partial)
+                block_partial[j] = acc;
+        }
+    }
+    for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
+        const int i = p.row_begin + r;
+        sgd_step(p.b + i, p.vb + i, __fmul_rn(lr, delta[r]), momentum, use_momentum);
+    }
+}
+
+// The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out), then the deltas
+// of the block's rows of the top hidden layer (top) into s.delta. One pass of loads: y_{L-2} (the
+// logits' input, f' and the output step's input) into s.x, and when the block owns top rows their
+// step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
+// the next image (next_image, or none) into s.image. Every thread calls it; only block 0 adds the
+// loss and the error to the totals and writes the logits to out.y.
+__device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
+                                             const float* x, const float* next_image, int label, float lr,
+                                             float momentum, bool use_momentum, double* loss_total,
+                                             int* wrong_total)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
+        s.x[j] = __ldcg(top.y + j);
+    if (top.rows > 0) {
+        for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
+            s.exchange[j] = __ldcg(x + j);
+        if (next_image != nullptr)   // top is layer 0: top.n_in = sizes[0]
+            for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
+                s.image[j] = __ldcg(next_image + j);
+    }
+    __syncthreads();
+    for (int c = warp; c < out.n_out; c += SP_WARPS) {
+        const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
+        if (lane == 0)
+            s.logits[c] = logit;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const SoftmaxXent result = softmax_xent_row(s.logits, label, out.n_out, s.delta_out);
+        if (blockIdx.x == 0 && lane == 0) {
+            loss_total[0] = loss_total[0] + (double)result.loss;
+            wrong_total[0] += result.prediction != label;
+        }
+    }
+    __syncthreads();
+    if (blockIdx.x == 0)
+        for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+            out.y[c] = s.logits[c];
+    // delta of row i of the top layer: one chain over the classes of the OLD output weights
+    for (int r = threadIdx.x; r < top.rows; r += blockDim.x) {
+        const int i = top.row_begin + r;
+        float sum = 0.0f;
+        for (int c = 0; c < out.n_out; ++c)
+            sum = fmaf(s.W_out[(size_t)c * out.n_in + i], s.delta_out[c], sum);
+        s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.x[i]));
+    }
+    __syncthreads();
+    // the output layer's step, the same operations in every block (the top layer's step follows
+    // without a barrier: it reads neither s.x nor the copy)
+    for (int e = threadIdx.x; e < out.n_out * out.n_in; e += blockDim.x) {
+        const int c = e / out.n_in, j = e - c * out.n_in;
+        sgd_step(s.W_out + e, s.vW_out + e, __fmul_rn(lr, __fmul_rn(s.delta_out[c], s.x[j])), momentum,
+                 use_momentum);
+    }
+    for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+        sgd_step(s.b_out + c, s.vb_out + c, __fmul_rn(lr, s.delta_out[c]), momentum, use_momentum);
+}
+
+// train_online_spread: `steps` online SGD steps on images order[cursor ...], one after another.
+//   layers (n_layers, 5) device addresses of W_l (n_out, n_in), b_l (n_out,), vW_l, vb_l (the
+//     velocities; used only when momentum != 0) and y_l (n_out,) the activations;
+//   sizes (n_layers + 1,) = n_in of layer 0, then n_out of every layer; n_layers >= 2;
+//   partial: for every hidden layer l >= 1 in turn, (gridDim.x, n_in_l) floats (row b: block b's
+//     sums);
+//   images (n_samples, sizes[0]), labels (n_samples,), order (n_samples,) the epoch's permutation,
+//   cursor (1,) the position in the epoch, advanced by `steps`; loss_total (1,) double and
+//   wrong_total (1,) take every image's loss and error, in image order; hyper (2,) = [lr, momentum];
+//   barrier (1,) the grid barrier's counter (zero before the first launch; stays valid after);
+//   register_layer: the hidden layer of the register tile (spread_plan.register_layer; its n_in
+//     <= SP_THREADS SP_REG_COLS), -1 for none; shared_weight_floats: the capacity of the weight
+//     part of dynamic shared memory; output_velocities: 1 when momentum != 0 (the output layer's
+//     velocities then have their copy in the scratch too), else 0.
+// Grid: 1-D, at most the resident blocks (a cooperative launch); blockDim.x = SP_THREADS; dynamic
+// shared memory (floats): the scratch (SpreadScratch's buffers in order, = spread_plan.scratch_floats),
+// then shared_weight_floats.
+extern "C" __global__ void __launch_bounds__(SP_THREADS, 1)
+train_online_spread(const unsigned long long* __restrict__ layers, const int* __restrict__ sizes,
+                    float* __restrict__ partial, const float* __restrict__ images,
+                    const int* __restrict__ labels, const int* __restrict__ order,
+                    int* __restrict__ cursor, double* __restrict__ loss_total,
+                    int* __restrict__ wrong_total, const float* __restrict__ hyper,
+                    unsigned int* __restrict__ barrier, int n_layers, int steps, int n_samples,
+                    int register_layer, int shared_weight_floats, int output_velocities)
+{
+    extern __shared__ float shared_memory[];
+    __shared__ SpreadLayer plan[SP_MAX_LAYERS];
+    __shared__ SpreadScratch s;
+    __shared__ int start;
+    __shared__ struct {
+        int sample, label, next;
+    } image_sample;
+
+    const int grid = (int)gridDim.x, last = n_layers - 1;
+    if (threadIdx.x == 0) {
+        int max_in = 0, max_rows = 0, exchange = sizes[last - 1];   // the top hidden layer's input
+        for (int l = 0; l < last; ++l) {
+            max_in = max(max_in, sizes[l]);
+            const int rows = (sizes[l + 1] + grid - 1) / grid;
+            max_rows = max(max_rows, rows);
+            if (l + 1 < last)   // the deltas of layer l come from the partials of hidden layer l + 1
+                exchange = max(exchange, grid * (rows | 1));
+        }
+        const int n_classes = sizes[n_layers], out_in = sizes[last];
+        max_in = max(max_in, out_in);
+        float* next = shared_memory;
+        s.x = next;
+        next += max_in;
+        s.image = next;
+        next += sizes[0];
+        s.delta = next;
+        next += max_rows;
+        s.reduce = next;
+        next += SP_WARPS * SP_REG_ROWS;
+        s.exchange = next;
+        next += exchange;
+        s.logits = next;
+        next += n_classes;
+        s.delta_out = next;
+        next += n_classes;
+        s.W_out = next;
+        next += n_classes * out_in;
+        s.b_out = next;
+        next += n_classes;
+        s.vW_out = output_velocities ? next : s.W_out;   // untouched without momentum
+        next += output_velocities ? n_classes * out_in : 0;
+        s.vb_out = output_velocities ? next : s.b_out;
+        next += output_velocities ? n_classes : 0;
+        float* weights = next;
+        int free = shared_weight_floats;
+        size_t partial_offset = 0;
+        for (int l = 0; l < n_layers; ++l) {
+            SpreadLayer& p = plan[l];
+            p.W = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 0]);
+            p.b = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 1]);
+            p.vW = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 2]);
+            p.vb = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 3]);
+            p.y = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 4]);
+            p.n_in = sizes[l];
+            p.n_out = sizes[l + 1];
+            p.partial = nullptr;
+            if (l == last) {   // replicated: every block holds all of it, in the scratch
+                p.row_begin = p.register_rows = 0;
+                p.rows = p.shared_rows = p.n_out;
+                p.shared = s.W_out;
+                continue;
+            }
+            p.row_begin = first_row(p.n_out, blockIdx.x, grid);
+            p.rows = first_row(p.n_out, blockIdx.x + 1, grid) - p.row_begin;
+            const bool tiled = l == register_layer && p.n_in <= SP_THREADS * SP_REG_COLS;
+            p.register_rows = tiled ? min(p.rows, SP_REG_ROWS) : 0;
+            p.shared_rows = free > 0 ? min(p.rows - p.register_rows, free / p.n_in) : 0;
+            free -= p.shared_rows * p.n_in;
+            p.shared = weights;
+            weights += (size_t)p.shared_rows * p.n_in;
+            if (l) {
+                p.partial = partial + partial_offset;
+                partial_offset += (size_t)grid * p.n_in;
+            }
+        }
+        start = cursor[0];
+    }
+    __syncthreads();
+    copy_shared_rows(plan, last, true);
+    copy_output_layer(plan[last], s, output_velocities, true);
+
+    // The register tile: rows row_begin + r, columns threadIdx.x + SP_THREADS k of register_layer.
+    float wreg[SP_REG_ROWS][SP_REG_COLS];
+    const SpreadLayer* const tile = register_layer >= 0 ? &plan[register_layer] : nullptr;
+#pragma unroll
+    for (int r = 0; r < SP_REG_ROWS; ++r)
+#pragma unroll
+        for (int k = 0; k < SP_REG_COLS; ++k) {
+            const int j = threadIdx.x + SP_THREADS * k;
+            const bool held = tile != nullptr && r < tile->register_rows && j < tile->n_in;
+            wreg[r][k] = held ? tile->W[(size_t)(tile->row_begin + r) * tile->n_in + j] : 0.0f;
+        }
+
+    const float lr = hyper[0], momentum = hyper[1];
+    const bool use_momentum = momentum != 0.0f;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+
+    for (int step = 0; step < steps; ++step) {
+        const int position = start + step;
+        if (position < 0 || position >= n_samples)
+            break;   // the same for every block: the trainer never asks for it
+        // The image's sample and label and the next image of the launch (prefetched in layer 0's
+        // backward pass; -1: none), in shared memory rather than in registers across the forward
+        // pass; read after its first grid barrier. The previous image's last reads of them come
+        // before the __syncthreads or grid barrier that ends its backward pass.
+        if (threadIdx.x == 0) {
+            image_sample.sample = order[position];
+            image_sample.label = labels[image_sample.sample];
+            image_sample.next = step + 1 < steps && position + 1 < n_samples ? order[position + 1] : -1;
+        }
+        if (step == 0 && plan[0].rows > 0) {   // later images were prefetched by the previous one
+            const float* image = images + (size_t)order[position] * sizes[0];
+            for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
+                s.image[j] = __ldcg(image + j);
+            __syncthreads();
+        }
+
+        // ---- forward of the hidden layers: the register rows by the whole block, then warp w
+        // takes the block's other rows register_rows + w, + 8, ...
+        for (int l = 0; l < last; ++l) {
+            const SpreadLayer& p = plan[l];
+            if (p.rows > 0) {
+                const float* x = s.image;
+                if (l) {
+                    for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+                        s.x[j] = __ldcg(plan[l - 1].y + j);
+                    __syncthreads();
+                    x = s.x;
+                }
+                if (l == register_layer)
+                    register_forward(wreg, p, x, s.reduce);
+                for (int r = p.register_rows + warp; r < p.rows; r += SP_WARPS) {
+                    const int row = p.row_begin + r;
+                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.b[row], true);
+                    if (lane == 0)
+                        p.y[row] = y;
+                }
+            }
+            grid_sync(barrier);
+        }
+
+        // ---- backward and update of the hidden layers, top first; the top layer's deltas come
+        // from the output layer, which every block does on its copy first
+        for (int l = last - 1; l >= 0; --l) {
+            const SpreadLayer& p = plan[l];
+            const bool top = l == last - 1;
+            // the step's input: y_{l-1} or the image, loaded into s.exchange (top) or s.x
+            const int next = image_sample.next;
+            const float* x = l ? plan[l - 1].y : images + (size_t)image_sample.sample * sizes[0];
+            const float* next_image = l == 0 && next >= 0 ? images + (size_t)next * sizes[0] : nullptr;
+            if (top) {
+                output_layer(plan[last], p, s, x, next_image, image_sample.label, lr, momentum, use_momentum,
+                             loss_total, wrong_total);
+            } else if (p.rows > 0) {
+                const SpreadLayer& above = plan[l + 1];
+                // One pass of loads: the owners' partials of the block's rows (owner b' at row
+                // b' (rows | 1), consecutive threads on consecutive addresses), the rows' y (into
+                // delta), the step's input x and, below layer 0, the next image.
+                const int stride = p.rows | 1;   // odd: the warp's reads below hit 32 banks
+                for (int e = threadIdx.x; e < grid * p.rows; e += blockDim.x) {
+                    const int owner = e / p.rows, r = e - owner * p.rows;
+                    if (owns_rows(above.n_out, owner, grid))
+                        s.exchange[owner * stride + r] =
+                            __ldcg(above.partial + (size_t)owner * above.n_in + p.row_begin + r);
+                }
+                for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
+                    s.delta[r] = __ldcg(p.y + p.row_begin + r);
+                for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+                    s.x[j] = __ldcg(x + j);
+                if (next_image != nullptr)
+                    for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
+                        s.image[j] = __ldcg(next_image + j);
+                __syncthreads();
+                // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the top;
+                // -0 is the identity of the sum), times f'(y_l[i])
+                for (int r = warp; r < p.rows; r += SP_WARPS) {
+                    float sum = -0.0f;
+                    for (int owner = lane; owner < grid; owner += 32)
+                        if (owns_rows(above.n_out, owner, grid))
+                            sum = __fadd_rn(sum, s.exchange[owner * stride + r]);
+#pragma unroll
+                    for (int offset = 16; offset > 0; offset >>= 1)
+                        sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
+                    if (lane == 0)
+                        s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.delta[r]));
+                }
+                __syncthreads();
+            }
+            if (p.rows > 0)
+                hidden_update(wreg, p, l == register_layer, l > 0, top ? s.exchange : s.x, s.delta, lr, momentum,
+                              use_momentum);
+            // the partials of layer l are read by the owners of layer l - 1; a net of one hidden
+            // layer (top, l = 0): every block has read y_0 before the next image rewrites it
+            if (l > 0 || top)
+                grid_sync(barrier);
+            else
+                __syncthreads();   // the next image's forward pass reads the rows just stepped
+        }
+    }
+
+    grid_sync(barrier);   // every block has read the cursor and the output layer, and finished
+    copy_shared_rows(plan, last, false);
+    if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits
+        copy_output_layer(plan[last], s, output_velocities, false);
+#pragma unroll
+    for (int r = 0; r < SP_REG_ROWS; ++r)
+#pragma unroll
+        for (int k = 0; k < SP_REG_COLS; ++k) {
+            const int j = threadIdx.x + SP_THREADS * k;
+            if (tile != nullptr && r < tile->register_rows && j < tile->n_in)
+                tile->W[(size_t)(tile->row_begin + r) * tile->n_in + j] = wreg[r][k];
+        }
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        cursor[0] = start + min(steps, max(n_samples - start, 0));
+}
