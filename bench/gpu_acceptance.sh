@@ -11,9 +11,10 @@
 #
 # Steps, each under its own timeout (and never past the overall budget, so one hang cannot eat the
 # slot): the environment; the install; the data; `python -m gpumlp.selfcheck`; `pytest -m gpu`; the
-# profiler for nets 1 and 4 (the graph engine timed, the persistent engine's model); the bench for
-# nets 1 and 4 at batch 1, both engines against PyTorch eager and CUDA-graphed; 2 epochs of net 4 on
-# full MNIST with each engine (seconds per epoch) and whether both end with the same weights_sha256;
+# profiler for nets 1 and 4 (the graph engine timed, the persistent and spread engines' models); the
+# bench for nets 1 and 4 at batch 1, the three engines against PyTorch eager and CUDA-graphed; 2 epochs
+# of net 4 on full MNIST with each engine (seconds per epoch), whether graph and persistent end with
+# the same weights_sha256 (spread sums in another order: its test error is printed beside theirs);
 # compute-sanitizer memcheck and racecheck on a tiny run of each engine where the tool is present.
 # Raw outputs and a markdown summary (the last thing printed) go to $OUT (--out; default
 # bench/acceptance-<gpu>/, ignored by git).
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=${2:?--out needs a folder}; shift ;;
         --data-dir) DATA=${2:?--data-dir needs a folder}; shift ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -187,8 +188,10 @@ for net in 1 4; do
     fi
     finish "profile-net$net" "$result"
     # the persistent engine: the profiler models it (on a GPU the bench and training steps time it)
-    run_step "profile-net$net-persistent" 60 "$PY" -m gpumlp.profile --net "$net" --engine persistent --arch sm_90 \
-        && finish "profile-net$net-persistent" "model: $(line_with '^expected:' "$LOG" | cut -c1-160)"
+    for engine in persistent spread; do
+        run_step "profile-net$net-$engine" 60 "$PY" -m gpumlp.profile --net "$net" --engine "$engine" --arch sm_90 \
+            && finish "profile-net$net-$engine" "model: $(line_with '^expected:' "$LOG" | cut -c1-160)"
+    done
 done
 
 # -- 7. the bench -------------------------------------------------------------------------------
@@ -224,14 +227,14 @@ if [ "$HAVE_DATA" = no ]; then
 else
     if [ "$MODE" = gpu ]; then
         RUN_PREFIX=run-net4
-        for engine in graph persistent; do
+        for engine in graph persistent spread; do
             run_step "train-net4-$engine" 150 "$PY" reproduce_2010.py --net 4 --epochs 2 --device cuda \
                 --engine "$engine" --checkpoint-every 1 --data-dir "$DATA" --out "$OUT/run-net4-$engine" \
                 && finish "train-net4-$engine" "$(epochs_line "$OUT/run-net4-$engine" || echo "no metrics: see $LOG")"
         done
     else
         RUN_PREFIX=run-emulated
-        for engine in graph persistent; do
+        for engine in graph persistent spread; do
             run_step "train-emulated-$engine" 90 "$PY" reproduce_2010.py --device emulate --engine "$engine" \
                 --hidden 16 --train-images 256 --test-images 256 --epochs 2 --checkpoint-every 1 --data-dir "$DATA" \
                 --out "$OUT/run-emulated-$engine" && finish "train-emulated-$engine" \
@@ -264,7 +267,7 @@ for tool in memcheck racecheck; do
     elif [ "$HAVE_DATA" = no ]; then
         skip "sanitizer-$tool" "no MNIST in $DATA"
     else
-        for engine in graph persistent; do
+        for engine in graph persistent spread; do
             run_step "sanitizer-$tool-$engine" 90 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
                 "$PY" -c "$UNPOOLED_REPRODUCE" --device cuda --engine "$engine" --hidden 16 --train-images 64 \
                 --test-images 64 --epochs 1 --graph-steps 8 --skip-selfcheck --data-dir "$DATA" \

@@ -8,7 +8,7 @@ profiler): N training images, one net, plain SGD with a fixed learning rate, bat
 pass must agree roughly; the run checks that, as proof that the rows measure the same recipe.
 
 On a GPU: gpumlp's hand-written kernels (DeviceTrainer replaying CUDA graphs, and at batch size 1
-also PersistentTrainer's cooperative kernel: --engine) against a PyTorch `nn.Linear` stack run
+also the cooperative kernels of PersistentTrainer and SpreadTrainer: --engine) against a PyTorch `nn.Linear` stack run
 eagerly and with the whole step captured in a CUDA graph, all with the data already on the GPU.
 On the CPU: gpumlp's numpy path (CpuTrainer) against PyTorch eager on the CPU.
 """
@@ -207,19 +207,20 @@ class GpumlpCpu:
 
 
 ENGINE_ROWS = {"graph": "gpumlp (hand-written kernels, CUDA graphs)",
-               "persistent": "gpumlp (persistent kernel, cooperative launches)"}
+               "persistent": "gpumlp (persistent kernel, cooperative launches)",
+               "spread": "gpumlp (spread kernel: layers over the whole grid, its own summation order)"}
 
 
 class GpumlpCuda(GpumlpCpu):
     """DeviceTrainer (engine "graph"): the images uploaded once, steps replayed from captured CUDA
-    graphs; or PersistentTrainer ("persistent"): a cooperative launch per chunk of images. Its
+    graphs; or PersistentTrainer ("persistent") or SpreadTrainer ("spread"): a cooperative launch
+    per chunk of images. Its
     train_epoch synchronises and reads the loss back, like TorchEager.run_pass. The graphs are
     captured once, here, outside the timing, as TorchCudaGraph captures its own."""
 
     def __init__(self, workload: Workload, batch_size: int, device, engine: str = "graph"):
         from gpumlp.config import TrainConfig
-        from gpumlp.train_gpu import DeviceTrainer
-        from gpumlp.train_persistent import PersistentTrainer
+        from gpumlp.train_spread import trainer_class
         from gpumlp.training import Split
         self.workload = workload
         self.device = device
@@ -231,8 +232,7 @@ class GpumlpCuda(GpumlpCpu):
         images, labels = workload.images[:n], workload.labels[:n]
         no_images = np.zeros((0, workload.sizes[0]), np.float32)
         split = Split(images, labels, images, labels, no_images, np.zeros(0, np.int32))
-        trainer_class = PersistentTrainer if engine == "persistent" else DeviceTrainer
-        self.trainer = trainer_class(device, nets.init_params(workload.sizes, workload.seed), split,
+        self.trainer = trainer_class(engine)(device, nets.init_params(workload.sizes, workload.seed), split,
                                      config, log=lambda message: print(message, file=sys.stderr))
         if engine == "graph":
             self.trainer.capture_graphs(n)
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): the GPU if there is one, else the CPU")
     p.add_argument("--engine", nargs="+", choices=tuple(ENGINE_ROWS), default=list(ENGINE_ROWS), metavar="ENGINE",
-                   help="on a GPU, gpumlp's online engines to time: graph, persistent (batch size 1 only) or "
-                        "both (default both)")
+                   help="on a GPU, gpumlp's online engines to time: graph, persistent, spread (these two batch "
+                        "size 1 only; default all three)")
     p.add_argument("--synthetic", action="store_true", help="random images of MNIST's shape instead of MNIST")
     p.add_argument("--data-dir", help="MNIST directory (default ../shared/mnist if present, else "
                                       "$GPUMLP_DATA or ~/.cache/gpumlp, downloaded there when missing)")
@@ -301,7 +301,7 @@ def check_args(args) -> None:
         (not args.hidden or all(h > 0 for h in args.hidden), "--hidden sizes must be positive"),
         (all(b >= 1 for b in args.batch_size), "--batch-size must be at least 1"),
         ("graph" in args.engine or args.batch_size == [1] * len(args.batch_size),
-         "--engine persistent trains batch size 1 only: add graph to --engine for larger batches"),
+         "--engine persistent and spread train batch size 1 only: add graph to --engine for larger batches"),
         (args.images is None or args.images >= max(args.batch_size),
          "--images must be at least the largest --batch-size"),
         (args.repeats >= 1, "--repeats must be at least 1"),

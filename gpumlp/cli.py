@@ -351,11 +351,9 @@ def make_trainer(config: TrainConfig, split, device, log):
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
                           config.momentum, config.deform_config(), config.seed,
                           threads=config.threads, last_epoch=config.epochs)
-    from gpumlp.train_gpu import DeviceTrainer
-    from gpumlp.train_persistent import PersistentTrainer, choose_engine
-    from gpumlp.train_spread import SpreadTrainer
+    from gpumlp.train_persistent import choose_engine
+    from gpumlp.train_spread import trainer_class
     engine, why = choose_engine(config.engine, device, config.sizes, config.batch_size)
-    trainer_class = {"persistent": PersistentTrainer, "spread": SpreadTrainer}.get(engine, DeviceTrainer)
-    trainer = trainer_class(device, params, split, config, log)
+    trainer = trainer_class(engine)(device, params, split, config, log)
     trainer.engine_reason = why
     return trainer

@@ -16,6 +16,7 @@ import numpy as np
 
 from gpumlp import spread_plan
 from gpumlp.errors import UserError
+from gpumlp.train_gpu import DeviceTrainer
 from gpumlp.train_persistent import CooperativeTrainer
 
 SOURCE = "mlp_spread.cu"
@@ -116,3 +117,9 @@ class SpreadTrainer(CooperativeTrainer):
                                           np.int32(self.plan.output_velocities))
         self.device.launch_cooperative(self.kernel, (self.plan.blocks,), (spread_plan.THREADS,), args,
                                        shared_mem=self.plan.shared_bytes, indirect=self.layer_arrays)
+
+
+def trainer_class(engine: str):
+    """The trainer of an online engine chosen by train_persistent.choose_engine."""
+    from gpumlp.train_persistent import PersistentTrainer
+    return {"graph": DeviceTrainer, "persistent": PersistentTrainer, "spread": SpreadTrainer}[engine]
