@@ -21,8 +21,10 @@
 //   memory densely ((rows, n_in) per layer) while a whole row still fits in shared_weight_floats;
 // - the rest are read and written in place in W (global memory, L2).
 // Register and shared rows are loaded from W at the start of the launch and written back at its
-// end. Hidden biases and velocities stay in global memory. lr and momentum are read from device
-// memory.
+// end. The biases of the block's rows of every hidden layer (and, with momentum, their velocities)
+// live in the scratch for the whole launch, loaded at its start and written back at its end, so no
+// phase waits on L2 for a bias. Hidden weight velocities stay in global memory. lr and momentum are
+// read from device memory.
 //
 // Exchanges. Only activations y_l and partial sums cross between blocks, through global memory,
 // with a grid-wide barrier between the writes and the reads:
@@ -88,6 +90,7 @@ struct SpreadLayer {
     int register_rows;      // the first register_rows of them in the register tile,
     int shared_rows;        // the next shared_rows in `shared` ((shared_rows, n_in)), the rest in W
     float* shared;
+    float *bias, *vbias;    // the block's rows of b and vb in the scratch ((rows,); vbias = bias without momentum)
     float* partial;         // (gridDim.x, n_in) partial sums of this hidden layer (layer 0: none)
 };
 
@@ -101,6 +104,8 @@ struct SpreadScratch {
     float* logits;     // (n_classes,)
     float* delta_out;  // (n_classes,) softmax - onehot
     float *W_out, *b_out, *vW_out, *vb_out;   // the block's copy of the output layer (n_classes, n_in)
+    float *bias, *vbias;   // the biases of the block's rows of every hidden layer (ceil(n_out / G) each), and
+                           // with momentum their velocities
 };
 
 // [begin, end) of the rows of hidden layer with n_out rows that `block` owns.
@@ -135,6 +140,28 @@ __device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hi
                 p.shared[e] = global_rows[e];
             else
                 global_rows[e] = p.shared[e];
+        }
+    }
+}
+
+// Copies the biases (and, with `velocities`, their velocities) of the block's rows of the hidden
+// layers between b, vb (global) and the scratch.
+__device__ __forceinline__ void copy_hidden_biases(const SpreadLayer* plan, int hidden_layers, bool velocities,
+                                                   bool to_shared)
+{
+    for (int l = 0; l < hidden_layers; ++l) {
+        const SpreadLayer& p = plan[l];
+        for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
+            const int i = p.row_begin + r;
+            if (to_shared) {
+                p.bias[r] = p.b[i];
+                if (velocities)
+                    p.vbias[r] = p.vb[i];
+            } else {
+                p.b[i] = p.bias[r];
+                if (velocities)
+                    p.vb[i] = p.vbias[r];
+            }
         }
     }
 }
@@ -198,7 +225,7 @@ __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS
         for (int w = 1; w < SP_WARPS; ++w)
             sum = __fadd_rn(sum, reduce[w * SP_REG_ROWS + threadIdx.x]);
         const int row = p.row_begin + threadIdx.x;
-        p.y[row] = scaled_tanh(__fadd_rn(sum, p.b[row]));
+        p.y[row] = scaled_tanh(__fadd_rn(sum, p.bias[threadIdx.x]));
     }
 }
 
@@ -253,10 +280,8 @@ __device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_
                 block_partial[j] = acc;
         }
     }
-    for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
-        const int i = p.row_begin + r;
-        sgd_step(p.b + i, p.vb + i, __fmul_rn(lr, delta[r]), momentum, use_momentum);
-    }
+    for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
+        sgd_step(p.bias + r, p.vbias + r, __fmul_rn(lr, delta[r]), momentum, use_momentum);
 }
 
 // The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out), then the deltas
@@ -331,7 +356,7 @@ __device__ __forceinline__ void output_layer(const SpreadLayer& out, const Sprea
 //   register_layer: the hidden layer of the register tile (spread_plan.register_layer; its n_in
 //     <= SP_THREADS SP_REG_COLS), -1 for none; shared_weight_floats: the capacity of the weight
 //     part of dynamic shared memory; output_velocities: 1 when momentum != 0 (the output layer's
-//     velocities then have their copy in the scratch too), else 0.
+//     velocities and the hidden biases' velocities then have their copy in the scratch too), else 0.
 // Grid: 1-D, at most the resident blocks (a cooperative launch); blockDim.x = SP_THREADS; dynamic
 // shared memory (floats): the scratch (SpreadScratch's buffers in order, = spread_plan.scratch_floats),
 // then shared_weight_floats.
@@ -355,10 +380,12 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
         int max_in = 0, max_rows = 0, exchange = sizes[last - 1];   // the top hidden layer's input
+        int bias_rows = 0;
         for (int l = 0; l < last; ++l) {
             max_in = max(max_in, sizes[l]);
             const int rows = (sizes[l + 1] + grid - 1) / grid;
             max_rows = max(max_rows, rows);
+            bias_rows += rows;
             if (l + 1 < last)   // the deltas of layer l come from the partials of hidden layer l + 1
                 exchange = max(exchange, grid * (rows | 1));
         }
@@ -387,7 +414,12 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         next += output_velocities ? n_classes * out_in : 0;
         s.vb_out = output_velocities ? next : s.b_out;
         next += output_velocities ? n_classes : 0;
+        s.bias = next;
+        next += bias_rows;
+        s.vbias = output_velocities ? next : s.bias;   // untouched without momentum
+        next += output_velocities ? bias_rows : 0;
         float* weights = next;
+        int bias_offset = 0;
         int free = shared_weight_floats;
         size_t partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
@@ -408,6 +440,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             }
             p.row_begin = first_row(p.n_out, blockIdx.x, grid);
             p.rows = first_row(p.n_out, blockIdx.x + 1, grid) - p.row_begin;
+            p.bias = s.bias + bias_offset;
+            p.vbias = s.vbias + bias_offset;
+            bias_offset += (p.n_out + grid - 1) / grid;
             const bool tiled = l == register_layer && p.n_in <= SP_THREADS * SP_REG_COLS;
             p.register_rows = tiled ? min(p.rows, SP_REG_ROWS) : 0;
             p.shared_rows = free > 0 ? min(p.rows - p.register_rows, free / p.n_in) : 0;
@@ -424,6 +459,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     __syncthreads();
     copy_shared_rows(plan, last, true);
     copy_output_layer(plan[last], s, output_velocities, true);
+    copy_hidden_biases(plan, last, output_velocities, true);
 
     // The register tile: rows row_begin + r, columns threadIdx.x + SP_THREADS k of register_layer.
     float wreg[SP_REG_ROWS][SP_REG_COLS];
@@ -478,7 +514,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                     register_forward(wreg, p, x, s.reduce);
                 for (int r = p.register_rows + warp; r < p.rows; r += SP_WARPS) {
                     const int row = p.row_begin + r;
-                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.b[row], true);
+                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.bias[r], true);
                     if (lane == 0)
                         p.y[row] = y;
                 }
@@ -547,6 +583,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
 
     grid_sync(barrier);   // every block has read the cursor and the output layer, and finished
     copy_shared_rows(plan, last, false);
+    copy_hidden_biases(plan, last, output_velocities, false);
     if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits
         copy_output_layer(plan[last], s, output_velocities, false);
 #pragma unroll
