@@ -129,6 +129,25 @@ __device__ __forceinline__ float* memory_row(const SpreadLayer& p, int r)
     return s < p.shared_rows ? p.shared + (size_t)s * p.n_in : p.W + (size_t)(p.row_begin + r) * p.n_in;
 }
 
+// The label of the launch's next image and the sample of the one after it (-1: none), fetched by
+// thread 0 during an image's load pass in layer 0's backward phase, so that the next image's forward
+// pass of layer 0 finds its sample, label and next sample in shared memory.
+struct UpcomingSample {
+    int label, next;
+};
+
+// Thread 0: the label of sample `next` (-1: no next image; then nothing) and the sample at position
+// `after_next` of the order (-1: none) into *upcoming. Called just before a load pass's
+// __syncthreads, so that these loads wait with the pass's others.
+__device__ __forceinline__ void fetch_upcoming(UpcomingSample* upcoming, const int* __restrict__ labels,
+                                               const int* __restrict__ order, int next, int after_next)
+{
+    if (threadIdx.x == 0 && next >= 0) {
+        upcoming->label = labels[next];
+        upcoming->next = after_next >= 0 ? order[after_next] : -1;
+    }
+}
+
 // Copies the block's shared rows of the hidden layers between W (global) and shared memory.
 __device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hidden_layers, bool to_shared)
 {
@@ -288,12 +307,14 @@ __device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_
 // of the block's rows of the top hidden layer (top) into s.delta. One pass of loads: y_{L-2} (the
 // logits' input, f' and the output step's input) into s.x, and when the block owns top rows their
 // step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
-// the next image (next_image, or none) into s.image. Every thread calls it; only block 0 adds the
-// loss and the error to the totals and writes the logits to out.y.
+// the next image (next_image, or none) into s.image and (fetch_upcoming) the next image's label and
+// the sample after it. Every thread calls it; only block 0 adds the loss and the error to the totals
+// and writes the logits to out.y.
 __device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
                                              const float* x, const float* next_image, int label, float lr,
                                              float momentum, bool use_momentum, double* loss_total,
-                                             int* wrong_total)
+                                             int* wrong_total, UpcomingSample* upcoming, const int* labels,
+                                             const int* order, int next, int after_next)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
@@ -305,6 +326,7 @@ __device__ __forceinline__ void output_layer(const SpreadLayer& out, const Sprea
             for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
                 s.image[j] = __ldcg(next_image + j);
     }
+    fetch_upcoming(upcoming, labels, order, next, after_next);
     __syncthreads();
     for (int c = warp; c < out.n_out; c += SP_WARPS) {
         const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
@@ -376,6 +398,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     __shared__ struct {
         int sample, label, next;
     } image_sample;
+    __shared__ UpcomingSample upcoming;
 
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
@@ -455,6 +478,11 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             }
         }
         start = cursor[0];
+        if (steps > 0 && start >= 0 && start < n_samples) {   // the launch's first image
+            image_sample.sample = order[start];
+            image_sample.label = labels[image_sample.sample];
+            image_sample.next = 1 < steps && start + 1 < n_samples ? order[start + 1] : -1;
+        }
     }
     __syncthreads();
     copy_shared_rows(plan, last, true);
@@ -482,17 +510,19 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         const int position = start + step;
         if (position < 0 || position >= n_samples)
             break;   // the same for every block: the trainer never asks for it
-        // The image's sample and label and the next image of the launch (prefetched in layer 0's
-        // backward pass; -1: none), in shared memory rather than in registers across the forward
-        // pass; read after its first grid barrier. The previous image's last reads of them come
-        // before the __syncthreads or grid barrier that ends its backward pass.
-        if (threadIdx.x == 0) {
-            image_sample.sample = order[position];
-            image_sample.label = labels[image_sample.sample];
-            image_sample.next = step + 1 < steps && position + 1 < n_samples ? order[position + 1] : -1;
+        // The image's sample and label and the next image of the launch (-1: none), in shared
+        // memory rather than in registers across the forward pass; read after its first grid
+        // barrier. The first image's were read at the launch start; a later image's come from
+        // `upcoming`, which the previous image fetched in its layer 0 backward phase, so no global
+        // memory is read here. The previous image's last reads of image_sample come before the
+        // __syncthreads or grid barrier that ends its backward pass.
+        if (threadIdx.x == 0 && step > 0) {
+            image_sample.sample = image_sample.next;
+            image_sample.label = upcoming.label;
+            image_sample.next = upcoming.next;
         }
         if (step == 0 && plan[0].rows > 0) {   // later images were prefetched by the previous one
-            const float* image = images + (size_t)order[position] * sizes[0];
+            const float* image = images + (size_t)image_sample.sample * sizes[0];
             for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                 s.image[j] = __ldcg(image + j);
             __syncthreads();
@@ -531,9 +561,12 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             const int next = image_sample.next;
             const float* x = l ? plan[l - 1].y : images + (size_t)image_sample.sample * sizes[0];
             const float* next_image = l == 0 && next >= 0 ? images + (size_t)next * sizes[0] : nullptr;
+            // the next image's label and the sample after it are fetched in layer 0's phase only
+            const int fetch_next = l == 0 ? next : -1;
+            const int after_next = step + 2 < steps && position + 2 < n_samples ? position + 2 : -1;
             if (top) {
                 output_layer(plan[last], p, s, x, next_image, image_sample.label, lr, momentum, use_momentum,
-                             loss_total, wrong_total);
+                             loss_total, wrong_total, &upcoming, labels, order, fetch_next, after_next);
             } else if (p.rows > 0) {
                 const SpreadLayer& above = plan[l + 1];
                 // One pass of loads: the owners' partials of the block's rows (owner b' at row
@@ -553,6 +586,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                 if (next_image != nullptr)
                     for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                         s.image[j] = __ldcg(next_image + j);
+                fetch_upcoming(&upcoming, labels, order, fetch_next, after_next);
                 __syncthreads();
                 // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the top;
                 // -0 is the identity of the sum), times f'(y_l[i])
@@ -568,6 +602,8 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                         s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.delta[r]));
                 }
                 __syncthreads();
+            } else {   // a block without rows of layer l still needs the next label (its output layer)
+                fetch_upcoming(&upcoming, labels, order, fetch_next, after_next);
             }
             if (p.rows > 0)
                 hidden_update(wreg, p, l == register_layer, l > 0, top ? s.exchange : s.x, s.delta, lr, momentum,
