@@ -309,7 +309,7 @@ __device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_
 // step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
 // the next image (next_image, or none) into s.image and (fetch_upcoming) the next image's label and
 // the sample after it. Every thread calls it; only block 0 adds the loss and the error to the totals
-// and writes the logits to out.y.
+// (its launch totals in shared memory) and writes the logits to out.y.
 __device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
                                              const float* x, const float* next_image, int label, float lr,
                                              float momentum, bool use_momentum, double* loss_total,
@@ -399,6 +399,10 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         int sample, label, next;
     } image_sample;
     __shared__ UpcomingSample upcoming;
+    // Block 0's running epoch totals for the launch: read at its start, written back at its end,
+    // so that the output phase adds to shared memory (the same double additions in image order).
+    __shared__ double launch_loss_total;
+    __shared__ int launch_wrong_total;
 
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
@@ -478,6 +482,10 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             }
         }
         start = cursor[0];
+        if (blockIdx.x == 0) {
+            launch_loss_total = loss_total[0];
+            launch_wrong_total = wrong_total[0];
+        }
         if (steps > 0 && start >= 0 && start < n_samples) {   // the launch's first image
             image_sample.sample = order[start];
             image_sample.label = labels[image_sample.sample];
@@ -566,7 +574,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             const int after_next = step + 2 < steps && position + 2 < n_samples ? position + 2 : -1;
             if (top) {
                 output_layer(plan[last], p, s, x, next_image, image_sample.label, lr, momentum, use_momentum,
-                             loss_total, wrong_total, &upcoming, labels, order, fetch_next, after_next);
+                             &launch_loss_total, &launch_wrong_total, &upcoming, labels, order, fetch_next, after_next);
             } else if (p.rows > 0) {
                 const SpreadLayer& above = plan[l + 1];
                 // One pass of loads: the owners' partials of the block's rows (owner b' at row
@@ -630,6 +638,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             if (tile != nullptr && r < tile->register_rows && j < tile->n_in)
                 tile->W[(size_t)(tile->row_begin + r) * tile->n_in + j] = wreg[r][k];
         }
-    if (blockIdx.x == 0 && threadIdx.x == 0)
+    if (blockIdx.x == 0 && threadIdx.x == 0) {   // the trainer reads the totals after the launch
+        loss_total[0] = launch_loss_total;
+        wrong_total[0] = launch_wrong_total;
         cursor[0] = start + min(steps, max(n_samples - start, 0));
+    }
 }
