@@ -248,17 +248,46 @@ __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS
     }
 }
 
+#define SP_COLUMN_GROUP 4   // rows of a column whose weights (and velocities) are loaded before any is stored
+
 // Column j of the block's rows in memory (register_rows .. rows - 1): continues the fmaf chain
 // `acc` of the column's OLD weights times delta and takes every weight's step. Returns the chain.
+// The rows go in groups of SP_COLUMN_GROUP: the group's loads are issued together, then its steps
+// are taken in row order, so that a column waits on L2 once per group rather than once per row
+// (a row's load would otherwise wait for the previous row's store, which may alias it). The plan's
+// fields are copied into locals first: p lives in shared memory, which a store through a generic
+// pointer might alias, so they would be re-read after every store.
 __device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int j, float xj, const float* delta,
                                                       float acc, float lr, float momentum, bool use_momentum)
 {
-    for (int r = p.register_rows; r < p.rows; ++r) {
-        float* w = memory_row(p, r) + j;
-        float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
-        const float d = delta[r];
-        acc = fmaf(*w, d, acc);   // the OLD weight
-        sgd_step(w, v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+    const int first = p.register_rows, rows = p.rows, n_in = p.n_in;
+    const int shared_end = first + p.shared_rows;   // rows first .. shared_end - 1 in shared memory
+    float* const shared_column = p.shared + j - (size_t)first * n_in;
+    float* const global_column = p.W + (size_t)p.row_begin * n_in + j;
+    float* const velocity_column = p.vW + (size_t)p.row_begin * n_in + j;
+    for (int r0 = first; r0 < rows; r0 += SP_COLUMN_GROUP) {
+        float w[SP_COLUMN_GROUP], v[SP_COLUMN_GROUP];
+#pragma unroll
+        for (int q = 0; q < SP_COLUMN_GROUP; ++q) {
+            const int r = r0 + q;
+            if (r < rows) {
+                w[q] = (r < shared_end ? shared_column : global_column)[(size_t)r * n_in];
+                if (use_momentum)
+                    v[q] = velocity_column[(size_t)r * n_in];
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < SP_COLUMN_GROUP; ++q) {
+            const int r = r0 + q;
+            if (r < rows) {
+                const float d = delta[r];
+                acc = fmaf(w[q], d, acc);   // the OLD weight
+                (r < shared_end ? shared_column : global_column)[(size_t)r * n_in] =
+                    sgd_stepped(w[q], &v[q], __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+                if (use_momentum)
+                    velocity_column[(size_t)r * n_in] = v[q];
+            }
+        }
     }
     return acc;
 }
