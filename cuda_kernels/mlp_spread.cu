@@ -38,11 +38,27 @@
 // i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
 // after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
 // backward pass (below): 2.
-// Every backward phase waits on L2 once for its inputs: its loads (the partial segments, its rows'
-// y, the step's input x, and in layer 0's phase the next image) are issued in one pass before one
-// __syncthreads; the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
-// (Weights kept in global memory, hidden velocities and biases are read where they live, in the
-// step.)
+// L2 round trips a phase waits on (besides its grid barrier), per image, when every row of the
+// block is in registers or shared memory and without momentum:
+//   forward of layer 0: none (its image, sample, label and next sample are in shared memory:
+//     prefetched by the previous image, see below; the launch's first image is loaded at the
+//     launch start: cursor, then order[start], then labels[sample] and the image: 3 dependent
+//     waits per launch, not per image);
+//   forward of layer l >= 1: one (the load of y_{l-1} into s.x; the biases are in the scratch);
+//   output phase (with the top hidden layer's step): one (y_{L-2} and layer L-2's input, with one
+//     hidden layer also the next image, its label and the sample after it, in one pass; the loss
+//     and error totals are added in block 0's shared memory);
+//   backward of layer l < L-2: one (the partial segments, the rows' y, the step's input x and, in
+//     layer 0's phase, the next image, its label (labels[next]) and the sample after it
+//     (order[position + 2]), issued in one pass before one __syncthreads).
+// What adds waits: rows kept in global memory (W): in the forward pass each warp's rows one after
+// another (one wait per row of the warp, row_forward), in the step each column j of a thread
+// (ceil(n_in / 256) columns one after another) walks the memory rows in groups of SP_COLUMN_GROUP
+// = 4 rows, one wait per group that holds a global row. With momentum the hidden weights'
+// velocities (vW, global) are read in the step: every group of 4 memory rows waits once (shared
+// rows too), and the register tile's rows read theirs row after row in each column (up to
+// register_rows dependent waits per column: that walk is not grouped). The hidden biases'
+// velocities are in the scratch: no wait.
 // Why no barrier between images: every buffer another block reads is rewritten only after a grid
 // barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
 // phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
@@ -52,7 +68,9 @@
 // block's own) in layer 0's backward pass (L = 2: in the output phase), after this image's forward
 // pass of layer 0 (its only reader) has passed a __syncthreads; it is read in the next image's
 // forward pass of layer 0, after the __syncthreads that ends the phase. The first image of a launch
-// is loaded at its start.
+// is loaded at its start. The next image's label and the sample after it are fetched by thread 0 in
+// the same pass (`upcoming`, which only thread 0 touches) and moved into image_sample at the next
+// image's start.
 //
 // The order of every sum (fixed: independent of the block order and of where weights are kept):
 //   forward, register rows: thread t adds w[r][t + 256 k] x[t + 256 k] in increasing k in one fmaf
