@@ -21,8 +21,10 @@
 //   memory densely ((rows, n_in) per layer) while a whole row still fits in shared_weight_floats;
 // - the rest are read and written in place in W (global memory, L2).
 // Register and shared rows are loaded from W at the start of the launch and written back at its
-// end. Hidden biases and velocities stay in global memory. lr and momentum are read from device
-// memory.
+// end. The biases of the block's rows of every hidden layer (and, with momentum, their velocities)
+// live in the scratch for the whole launch, loaded at its start and written back at its end, so no
+// phase waits on L2 for a bias. Hidden weight velocities stay in global memory. lr and momentum are
+// read from device memory.
 //
 // Exchanges. Only activations y_l and partial sums cross between blocks, through global memory,
 // with a grid-wide barrier between the writes and the reads:
@@ -36,11 +38,27 @@
 // i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
 // after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
 // backward pass (below): 2.
-// Every backward phase waits on L2 once for its inputs: its loads (the partial segments, its rows'
-// y, the step's input x, and in layer 0's phase the next image) are issued in one pass before one
-// __syncthreads; the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
-// (Weights kept in global memory, hidden velocities and biases are read where they live, in the
-// step.)
+// L2 round trips a phase waits on (besides its grid barrier), per image, when every row of the
+// block is in registers or shared memory and without momentum:
+//   forward of layer 0: none (its image, sample, label and next sample are in shared memory:
+//     prefetched by the previous image, see below; the launch's first image is loaded at the
+//     launch start: cursor, then order[start], then labels[sample] and the image: 3 dependent
+//     waits per launch, not per image);
+//   forward of layer l >= 1: one (the load of y_{l-1} into s.x; the biases are in the scratch);
+//   output phase (with the top hidden layer's step): one (y_{L-2} and layer L-2's input, with one
+//     hidden layer also the next image, its label and the sample after it, in one pass; the loss
+//     and error totals are added in block 0's shared memory);
+//   backward of layer l < L-2: one (the partial segments, the rows' y, the step's input x and, in
+//     layer 0's phase, the next image, its label (labels[next]) and the sample after it
+//     (order[position + 2]), issued in one pass before one __syncthreads).
+// What adds waits: rows kept in global memory (W): in the forward pass each warp's rows one after
+// another (one wait per row of the warp, row_forward), in the step each column j of a thread
+// (ceil(n_in / 256) columns one after another) walks the memory rows in groups of SP_COLUMN_GROUP
+// = 4 rows, one wait per group that holds a global row. With momentum the hidden weights'
+// velocities (vW, global) are read in the step: every group of 4 memory rows waits once (shared
+// rows too), and the register tile's rows read theirs row after row in each column (up to
+// register_rows dependent waits per column: that walk is not grouped). The hidden biases'
+// velocities are in the scratch: no wait.
 // Why no barrier between images: every buffer another block reads is rewritten only after a grid
 // barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
 // phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
@@ -50,7 +68,9 @@
 // block's own) in layer 0's backward pass (L = 2: in the output phase), after this image's forward
 // pass of layer 0 (its only reader) has passed a __syncthreads; it is read in the next image's
 // forward pass of layer 0, after the __syncthreads that ends the phase. The first image of a launch
-// is loaded at its start.
+// is loaded at its start. The next image's label and the sample after it are fetched by thread 0 in
+// the same pass (`upcoming`, which only thread 0 touches) and moved into image_sample at the next
+// image's start.
 //
 // The order of every sum (fixed: independent of the block order and of where weights are kept):
 //   forward, register rows: thread t adds w[r][t + 256 k] x[t + 256 k] in increasing k in one fmaf
@@ -88,6 +108,7 @@ struct SpreadLayer {
     int register_rows;      // the first register_rows of them in the register tile,
     int shared_rows;        // the next shared_rows in `shared` ((shared_rows, n_in)), the rest in W
     float* shared;
+    float *bias, *vbias;    // the block's rows of b and vb in the scratch ((rows,); vbias = bias without momentum)
     float* partial;         // (gridDim.x, n_in) partial sums of this hidden layer (layer 0: none)
 };
 
@@ -101,6 +122,8 @@ struct SpreadScratch {
     float* logits;     // (n_classes,)
     float* delta_out;  // (n_classes,) softmax - onehot
     float *W_out, *b_out, *vW_out, *vb_out;   // the block's copy of the output layer (n_classes, n_in)
+    float *bias, *vbias;   // the biases of the block's rows of every hidden layer (ceil(n_out / G) each), and
+                           // with momentum their velocities
 };
 
 // [begin, end) of the rows of hidden layer with n_out rows that `block` owns.
@@ -124,6 +147,25 @@ __device__ __forceinline__ float* memory_row(const SpreadLayer& p, int r)
     return s < p.shared_rows ? p.shared + (size_t)s * p.n_in : p.W + (size_t)(p.row_begin + r) * p.n_in;
 }
 
+// The label of the launch's next image and the sample of the one after it (-1: none), fetched by
+// thread 0 during an image's load pass in layer 0's backward phase, so that the next image's forward
+// pass of layer 0 finds its sample, label and next sample in shared memory.
+struct UpcomingSample {
+    int label, next;
+};
+
+// Thread 0: the label of sample `next` (-1: no next image; then nothing) and the sample at position
+// `after_next` of the order (-1: none) into *upcoming. Called just before a load pass's
+// __syncthreads, so that these loads wait with the pass's others.
+__device__ __forceinline__ void fetch_upcoming(UpcomingSample* upcoming, const int* __restrict__ labels,
+                                               const int* __restrict__ order, int next, int after_next)
+{
+    if (threadIdx.x == 0 && next >= 0) {
+        upcoming->label = labels[next];
+        upcoming->next = after_next >= 0 ? order[after_next] : -1;
+    }
+}
+
 // Copies the block's shared rows of the hidden layers between W (global) and shared memory.
 __device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hidden_layers, bool to_shared)
 {
@@ -135,6 +177,28 @@ __device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hi
                 p.shared[e] = global_rows[e];
             else
                 global_rows[e] = p.shared[e];
+        }
+    }
+}
+
+// Copies the biases (and, with `velocities`, their velocities) of the block's rows of the hidden
+// layers between b, vb (global) and the scratch.
+__device__ __forceinline__ void copy_hidden_biases(const SpreadLayer* plan, int hidden_layers, bool velocities,
+                                                   bool to_shared)
+{
+    for (int l = 0; l < hidden_layers; ++l) {
+        const SpreadLayer& p = plan[l];
+        for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
+            const int i = p.row_begin + r;
+            if (to_shared) {
+                p.bias[r] = p.b[i];
+                if (velocities)
+                    p.vbias[r] = p.vb[i];
+            } else {
+                p.b[i] = p.bias[r];
+                if (velocities)
+                    p.vb[i] = p.vbias[r];
+            }
         }
     }
 }
@@ -198,21 +262,50 @@ __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS
         for (int w = 1; w < SP_WARPS; ++w)
             sum = __fadd_rn(sum, reduce[w * SP_REG_ROWS + threadIdx.x]);
         const int row = p.row_begin + threadIdx.x;
-        p.y[row] = scaled_tanh(__fadd_rn(sum, p.b[row]));
+        p.y[row] = scaled_tanh(__fadd_rn(sum, p.bias[threadIdx.x]));
     }
 }
 
+#define SP_COLUMN_GROUP 4   // rows of a column whose weights (and velocities) are loaded before any is stored
+
 // Column j of the block's rows in memory (register_rows .. rows - 1): continues the fmaf chain
 // `acc` of the column's OLD weights times delta and takes every weight's step. Returns the chain.
+// The rows go in groups of SP_COLUMN_GROUP: the group's loads are issued together, then its steps
+// are taken in row order, so that a column waits on L2 once per group rather than once per row
+// (a row's load would otherwise wait for the previous row's store, which may alias it). The plan's
+// fields are copied into locals first: p lives in shared memory, which a store through a generic
+// pointer might alias, so they would be re-read after every store.
 __device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int j, float xj, const float* delta,
                                                       float acc, float lr, float momentum, bool use_momentum)
 {
-    for (int r = p.register_rows; r < p.rows; ++r) {
-        float* w = memory_row(p, r) + j;
-        float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
-        const float d = delta[r];
-        acc = fmaf(*w, d, acc);   // the OLD weight
-        sgd_step(w, v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+    const int first = p.register_rows, rows = p.rows, n_in = p.n_in;
+    const int shared_end = first + p.shared_rows;   // rows first .. shared_end - 1 in shared memory
+    float* const shared_column = p.shared + j - (size_t)first * n_in;
+    float* const global_column = p.W + (size_t)p.row_begin * n_in + j;
+    float* const velocity_column = p.vW + (size_t)p.row_begin * n_in + j;
+    for (int r0 = first; r0 < rows; r0 += SP_COLUMN_GROUP) {
+        float w[SP_COLUMN_GROUP], v[SP_COLUMN_GROUP];
+#pragma unroll
+        for (int q = 0; q < SP_COLUMN_GROUP; ++q) {
+            const int r = r0 + q;
+            if (r < rows) {
+                w[q] = (r < shared_end ? shared_column : global_column)[(size_t)r * n_in];
+                if (use_momentum)
+                    v[q] = velocity_column[(size_t)r * n_in];
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < SP_COLUMN_GROUP; ++q) {
+            const int r = r0 + q;
+            if (r < rows) {
+                const float d = delta[r];
+                acc = fmaf(w[q], d, acc);   // the OLD weight
+                (r < shared_end ? shared_column : global_column)[(size_t)r * n_in] =
+                    sgd_stepped(w[q], &v[q], __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+                if (use_momentum)
+                    velocity_column[(size_t)r * n_in] = v[q];
+            }
+        }
     }
     return acc;
 }
@@ -253,22 +346,22 @@ __device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_
                 block_partial[j] = acc;
         }
     }
-    for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
-        const int i = p.row_begin + r;
-        sgd_step(p.b + i, p.vb + i, __fmul_rn(lr, delta[r]), momentum, use_momentum);
-    }
+    for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
+        sgd_step(p.bias + r, p.vbias + r, __fmul_rn(lr, delta[r]), momentum, use_momentum);
 }
 
 // The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out), then the deltas
 // of the block's rows of the top hidden layer (top) into s.delta. One pass of loads: y_{L-2} (the
 // logits' input, f' and the output step's input) into s.x, and when the block owns top rows their
 // step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
-// the next image (next_image, or none) into s.image. Every thread calls it; only block 0 adds the
-// loss and the error to the totals and writes the logits to out.y.
+// the next image (next_image, or none) into s.image and (fetch_upcoming) the next image's label and
+// the sample after it. Every thread calls it; only block 0 adds the loss and the error to the totals
+// (its launch totals in shared memory) and writes the logits to out.y.
 __device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
                                              const float* x, const float* next_image, int label, float lr,
                                              float momentum, bool use_momentum, double* loss_total,
-                                             int* wrong_total)
+                                             int* wrong_total, UpcomingSample* upcoming, const int* labels,
+                                             const int* order, int next, int after_next)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
@@ -280,6 +373,7 @@ __device__ __forceinline__ void output_layer(const SpreadLayer& out, const Sprea
             for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
                 s.image[j] = __ldcg(next_image + j);
     }
+    fetch_upcoming(upcoming, labels, order, next, after_next);
     __syncthreads();
     for (int c = warp; c < out.n_out; c += SP_WARPS) {
         const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
@@ -331,7 +425,7 @@ __device__ __forceinline__ void output_layer(const SpreadLayer& out, const Sprea
 //   register_layer: the hidden layer of the register tile (spread_plan.register_layer; its n_in
 //     <= SP_THREADS SP_REG_COLS), -1 for none; shared_weight_floats: the capacity of the weight
 //     part of dynamic shared memory; output_velocities: 1 when momentum != 0 (the output layer's
-//     velocities then have their copy in the scratch too), else 0.
+//     velocities and the hidden biases' velocities then have their copy in the scratch too), else 0.
 // Grid: 1-D, at most the resident blocks (a cooperative launch); blockDim.x = SP_THREADS; dynamic
 // shared memory (floats): the scratch (SpreadScratch's buffers in order, = spread_plan.scratch_floats),
 // then shared_weight_floats.
@@ -351,14 +445,21 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     __shared__ struct {
         int sample, label, next;
     } image_sample;
+    __shared__ UpcomingSample upcoming;
+    // Block 0's running epoch totals for the launch: read at its start, written back at its end,
+    // so that the output phase adds to shared memory (the same double additions in image order).
+    __shared__ double launch_loss_total;
+    __shared__ int launch_wrong_total;
 
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
         int max_in = 0, max_rows = 0, exchange = sizes[last - 1];   // the top hidden layer's input
+        int bias_rows = 0;
         for (int l = 0; l < last; ++l) {
             max_in = max(max_in, sizes[l]);
             const int rows = (sizes[l + 1] + grid - 1) / grid;
             max_rows = max(max_rows, rows);
+            bias_rows += rows;
             if (l + 1 < last)   // the deltas of layer l come from the partials of hidden layer l + 1
                 exchange = max(exchange, grid * (rows | 1));
         }
@@ -387,7 +488,12 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         next += output_velocities ? n_classes * out_in : 0;
         s.vb_out = output_velocities ? next : s.b_out;
         next += output_velocities ? n_classes : 0;
+        s.bias = next;
+        next += bias_rows;
+        s.vbias = output_velocities ? next : s.bias;   // untouched without momentum
+        next += output_velocities ? bias_rows : 0;
         float* weights = next;
+        int bias_offset = 0;
         int free = shared_weight_floats;
         size_t partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
@@ -408,6 +514,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             }
             p.row_begin = first_row(p.n_out, blockIdx.x, grid);
             p.rows = first_row(p.n_out, blockIdx.x + 1, grid) - p.row_begin;
+            p.bias = s.bias + bias_offset;
+            p.vbias = s.vbias + bias_offset;
+            bias_offset += (p.n_out + grid - 1) / grid;
             const bool tiled = l == register_layer && p.n_in <= SP_THREADS * SP_REG_COLS;
             p.register_rows = tiled ? min(p.rows, SP_REG_ROWS) : 0;
             p.shared_rows = free > 0 ? min(p.rows - p.register_rows, free / p.n_in) : 0;
@@ -420,10 +529,20 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             }
         }
         start = cursor[0];
+        if (blockIdx.x == 0) {
+            launch_loss_total = loss_total[0];
+            launch_wrong_total = wrong_total[0];
+        }
+        if (steps > 0 && start >= 0 && start < n_samples) {   // the launch's first image
+            image_sample.sample = order[start];
+            image_sample.label = labels[image_sample.sample];
+            image_sample.next = 1 < steps && start + 1 < n_samples ? order[start + 1] : -1;
+        }
     }
     __syncthreads();
     copy_shared_rows(plan, last, true);
     copy_output_layer(plan[last], s, output_velocities, true);
+    copy_hidden_biases(plan, last, output_velocities, true);
 
     // The register tile: rows row_begin + r, columns threadIdx.x + SP_THREADS k of register_layer.
     float wreg[SP_REG_ROWS][SP_REG_COLS];
@@ -446,17 +565,19 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         const int position = start + step;
         if (position < 0 || position >= n_samples)
             break;   // the same for every block: the trainer never asks for it
-        // The image's sample and label and the next image of the launch (prefetched in layer 0's
-        // backward pass; -1: none), in shared memory rather than in registers across the forward
-        // pass; read after its first grid barrier. The previous image's last reads of them come
-        // before the __syncthreads or grid barrier that ends its backward pass.
-        if (threadIdx.x == 0) {
-            image_sample.sample = order[position];
-            image_sample.label = labels[image_sample.sample];
-            image_sample.next = step + 1 < steps && position + 1 < n_samples ? order[position + 1] : -1;
+        // The image's sample and label and the next image of the launch (-1: none), in shared
+        // memory rather than in registers across the forward pass; read after its first grid
+        // barrier. The first image's were read at the launch start; a later image's come from
+        // `upcoming`, which the previous image fetched in its layer 0 backward phase, so no global
+        // memory is read here. The previous image's last reads of image_sample come before the
+        // __syncthreads or grid barrier that ends its backward pass.
+        if (threadIdx.x == 0 && step > 0) {
+            image_sample.sample = image_sample.next;
+            image_sample.label = upcoming.label;
+            image_sample.next = upcoming.next;
         }
         if (step == 0 && plan[0].rows > 0) {   // later images were prefetched by the previous one
-            const float* image = images + (size_t)order[position] * sizes[0];
+            const float* image = images + (size_t)image_sample.sample * sizes[0];
             for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                 s.image[j] = __ldcg(image + j);
             __syncthreads();
@@ -478,7 +599,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                     register_forward(wreg, p, x, s.reduce);
                 for (int r = p.register_rows + warp; r < p.rows; r += SP_WARPS) {
                     const int row = p.row_begin + r;
-                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.b[row], true);
+                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.bias[r], true);
                     if (lane == 0)
                         p.y[row] = y;
                 }
@@ -495,9 +616,12 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             const int next = image_sample.next;
             const float* x = l ? plan[l - 1].y : images + (size_t)image_sample.sample * sizes[0];
             const float* next_image = l == 0 && next >= 0 ? images + (size_t)next * sizes[0] : nullptr;
+            // the next image's label and the sample after it are fetched in layer 0's phase only
+            const int fetch_next = l == 0 ? next : -1;
+            const int after_next = step + 2 < steps && position + 2 < n_samples ? position + 2 : -1;
             if (top) {
                 output_layer(plan[last], p, s, x, next_image, image_sample.label, lr, momentum, use_momentum,
-                             loss_total, wrong_total);
+                             &launch_loss_total, &launch_wrong_total, &upcoming, labels, order, fetch_next, after_next);
             } else if (p.rows > 0) {
                 const SpreadLayer& above = plan[l + 1];
                 // One pass of loads: the owners' partials of the block's rows (owner b' at row
@@ -517,6 +641,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                 if (next_image != nullptr)
                     for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                         s.image[j] = __ldcg(next_image + j);
+                fetch_upcoming(&upcoming, labels, order, fetch_next, after_next);
                 __syncthreads();
                 // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the top;
                 // -0 is the identity of the sum), times f'(y_l[i])
@@ -532,6 +657,8 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                         s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.delta[r]));
                 }
                 __syncthreads();
+            } else {   // a block without rows of layer l still needs the next label (its output layer)
+                fetch_upcoming(&upcoming, labels, order, fetch_next, after_next);
             }
             if (p.rows > 0)
                 hidden_update(wreg, p, l == register_layer, l > 0, top ? s.exchange : s.x, s.delta, lr, momentum,
@@ -547,6 +674,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
 
     grid_sync(barrier);   // every block has read the cursor and the output layer, and finished
     copy_shared_rows(plan, last, false);
+    copy_hidden_biases(plan, last, output_velocities, false);
     if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits
         copy_output_layer(plan[last], s, output_velocities, false);
 #pragma unroll
@@ -557,6 +685,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             if (tile != nullptr && r < tile->register_rows && j < tile->n_in)
                 tile->W[(size_t)(tile->row_begin + r) * tile->n_in + j] = wreg[r][k];
         }
-    if (blockIdx.x == 0 && threadIdx.x == 0)
+    if (blockIdx.x == 0 && threadIdx.x == 0) {   // the trainer reads the totals after the launch
+        loss_total[0] = launch_loss_total;
+        wrong_total[0] = launch_wrong_total;
         cursor[0] = start + min(steps, max(n_samples - start, 0));
+    }
 }

@@ -121,10 +121,11 @@ def scratch_floats(sizes, blocks: int, momentum: bool) -> int:
     """The kernel's other dynamic shared memory, in its order: the layer's input x (max n_in), the
     prefetched image (n_in of layer 0), the block's deltas (max rows per block of a hidden layer),
     the forward reduction of the register tile (warps x REGISTER_ROWS), the exchange buffer, the
-    logits and delta_out (n_classes each) and the output layer's copy."""
-    max_rows = max(-(-n_out // blocks) for n_out in sizes[1:-1])
-    return (max(sizes[:-1]) + sizes[0] + max_rows + (THREADS // 32) * REGISTER_ROWS + exchange_floats(sizes, blocks)
-            + 2 * sizes[-1] + output_copy_floats(sizes, momentum))
+    logits and delta_out (n_classes each), the output layer's copy, and the biases of the block's
+    rows of every hidden layer (max rows per block of each), with momentum their velocities too."""
+    rows = [-(-n_out // blocks) for n_out in sizes[1:-1]]
+    return (max(sizes[:-1]) + sizes[0] + max(rows) + (THREADS // 32) * REGISTER_ROWS + exchange_floats(sizes, blocks)
+            + 2 * sizes[-1] + output_copy_floats(sizes, momentum) + (2 if momentum else 1) * sum(rows))
 
 
 def partial_floats(sizes, blocks: int) -> int:

@@ -79,7 +79,8 @@ def test_the_kernels_scratch_layout_is_spread_plans():
     delta (ceil(n_out / G) rows of a hidden layer: the largest of the integer-division ranges), the
     register reduction, the exchange buffer (the partial tile (G, ceil(n_out / G) | 1) of every
     hidden layer but the top one, or the top one's input), logits and delta_out, and the output
-    layer's copy (with its velocities under momentum), the weights after it: spread_plan.
+    layer's copy (with its velocities under momentum), the biases of the block's rows of every hidden
+    layer (ceil(n_out / G) each; with momentum their velocities too), the weights after it: spread_plan.
     scratch_floats must be that sum, else the weights would overrun the shared memory the launch
     gives (which no emulator check would see)."""
     source = (KERNEL_DIR / SOURCE).read_text()
@@ -87,7 +88,9 @@ def test_the_kernels_scratch_layout_is_spread_plans():
                  "const int rows = (sizes[l + 1] + grid - 1) / grid;",
                  "exchange = max(exchange, grid * (rows | 1));",
                  "next += output_velocities ? n_classes * out_in : 0;",
-                 "next += output_velocities ? n_classes : 0;\n        float* weights = next;"):
+                 "next += output_velocities ? n_classes : 0;\n        s.bias = next;\n        next += bias_rows;",
+                 "bias_rows += rows;",
+                 "next += output_velocities ? bias_rows : 0;\n        float* weights = next;"):
         assert line in source, line
     for hidden in ([37], ODD, MIXED, [1000, 500], [2500, 2000, 1500, 1000, 500]):
         sizes = nets.layer_sizes(hidden)
@@ -96,7 +99,9 @@ def test_the_kernels_scratch_layout_is_spread_plans():
             exchange = max([sizes[-3]] + [blocks * (r | 1) for r in rows[:-1]])
             for momentum in (False, True):
                 copy = (2 if momentum else 1) * sizes[-1] * (sizes[-2] + 1)
-                expected = max(sizes[:-1]) + sizes[0] + max(rows) + 8 * 16 + exchange + 2 * sizes[-1] + copy
+                biases = (2 if momentum else 1) * sum(rows)
+                expected = (max(sizes[:-1]) + sizes[0] + max(rows) + 8 * 16 + exchange + 2 * sizes[-1] + copy
+                            + biases)
                 assert spread_plan.scratch_floats(sizes, blocks, momentum) == expected, (hidden, blocks, momentum)
 
 
