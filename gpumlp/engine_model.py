@@ -5,7 +5,8 @@ the cost of one phase of a block, and the closing lines of a model's report.
 A phase is the work a block does between two grid-wide barriers. It takes the longest of its
 shared-memory traffic at the SM's shared-memory bandwidth, its global traffic at its share of L2
 (or HBM) bandwidth and its FLOPs at the SM's FP32 rate, plus one L2 round trip (each phase starts
-by reading what other blocks wrote). Nothing here has been measured on a GPU.
+by reading what other blocks wrote; a model may count more where a phase's reads wait for each
+other). Nothing here has been measured on a GPU.
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ class Phase:
     bound: str
 
 
-def phase_cost(name, rows, shared_bytes, global_bytes, flops, global_bandwidth, device: ModelDevice) -> Phase:
-    """One block's phase: the longest of its shared, global and FP32 times, plus one L2 round trip."""
+def phase_cost(name, rows, shared_bytes, global_bytes, flops, global_bandwidth, device: ModelDevice,
+               round_trips: int = 1) -> Phase:
+    """One block's phase: the longest of its shared, global and FP32 times, plus its L2 round trips
+    (the global reads that wait for each other or for a barrier: one unless told)."""
     times = {"shared memory": shared_bytes / device.shared_bandwidth_per_sm,
              "L2/HBM bandwidth": global_bytes / global_bandwidth,
              "FP32": flops / (128 * 2 * device.clock_hz)}
@@ -63,7 +66,7 @@ def phase_cost(name, rows, shared_bytes, global_bytes, flops, global_bandwidth, 
     if times[bound] < device.l2_round_trip_seconds:
         bound = "latency"
     return Phase(name, rows, shared_bytes, global_bytes, flops,
-                 max(times.values()) + device.l2_round_trip_seconds, bound)
+                 max(times.values()) + round_trips * device.l2_round_trip_seconds, bound)
 
 
 def global_share(device: ModelDevice, blocks: int, from_hbm: bool) -> float:
