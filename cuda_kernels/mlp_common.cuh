@@ -20,15 +20,21 @@ __device__ __forceinline__ float scaled_tanh_derivative(float y)
     return __fmul_rn(TANH_B_OVER_A, __fsub_rn(TANH_A_SQUARED, __fmul_rn(y, y)));
 }
 
-// The SGD step of one parameter *p, rounded as sgd_update_ref rounds it (no contraction): plain,
-// p -= step; with momentum mu, v = mu v - step, then p += v. *v is touched only with momentum.
-__device__ __forceinline__ void sgd_step(float* p, float* v, float step, float momentum, bool use_momentum)
+// The SGD step of one parameter of value p, rounded as sgd_update_ref rounds it (no contraction):
+// plain, p - step; with momentum mu, v = mu v - step, then p + v. Returns the new value (for a
+// parameter held in a register, mlp_spread.cu); *v is touched only with momentum.
+__device__ __forceinline__ float sgd_stepped(float p, float* v, float step, float momentum, bool use_momentum)
 {
     if (use_momentum) {
         const float velocity = __fsub_rn(__fmul_rn(momentum, *v), step);
         *v = velocity;
-        *p = __fadd_rn(*p, velocity);
-    } else {
-        *p = __fsub_rn(*p, step);
+        return __fadd_rn(p, velocity);
     }
+    return __fsub_rn(p, step);
+}
+
+// The same step of a parameter in memory, *p. p and v may be the same address without momentum.
+__device__ __forceinline__ void sgd_step(float* p, float* v, float step, float momentum, bool use_momentum)
+{
+    *p = sgd_stepped(*p, v, step, momentum, use_momentum);
 }

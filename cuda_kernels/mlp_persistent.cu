@@ -34,40 +34,14 @@
 
 #include "mlp_common.cuh"
 #include "softmax_row.cuh"
+#include "grid_sync.cuh"
+#include "row_forward.cuh"
 
 #define PT_THREADS 256      // 8 warps; train_persistent.PERSISTENT_THREADS mirrors it
 #define PT_WARPS (PT_THREADS / 32)
 #define PT_ROWS 32          // = BU_ROWS of mlp_online.cu: the chunk of the partial sums
 #define PT_MAX_LAYERS 12    // train_persistent.MAX_LAYERS (net 5 has 10)
-#define PT_MV_UNROLL 16     // loads in flight per lane in the row dot product
 #define PT_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
-
-// A barrier of the whole grid. The kernel is launched cooperatively (cudaLaunchCooperativeKernel),
-// so every block is resident and waiting cannot deadlock. On a GPU it is the scheme of
-// cooperative_groups' grid sync, written out so that no toolkit header is needed (bare NVRTC has
-// no <cooperative_groups.h>): thread 0 of each block fences its block's writes and adds to a
-// device counter; block 0 adds 0x80000000 - (blocks - 1) and every other block 1, so the top bit
-// flips exactly when the last block arrives, and the counter needs no reset between barriers or
-// launches. The emulator runs the same kernel with its own grid barrier, which checks that every
-// thread of the grid reaches it (deadlocks are reported, and block orders vary between barriers).
-__device__ __forceinline__ void grid_sync(unsigned int* barrier)
-{
-#ifdef GPUMLP_EMULATOR
-    (void)barrier;
-    cooperative_groups::this_grid().sync();
-#else
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
-        __threadfence();
-        const unsigned int before = atomicAdd(barrier, add);
-        while (((before ^ *(volatile unsigned int*)barrier) & 0x80000000u) == 0) {
-        }
-        __threadfence();
-    }
-    __syncthreads();
-#endif
-}
 
 // softmax_xent of train_step.cu for ONE row, by one warp: delta[c] = softmax - onehot(label) into
 // shared memory (softmax_xent_row), and (lane 0) the loss and the error added to the epoch totals
@@ -80,33 +54,6 @@ __device__ __forceinline__ void softmax_row(const float* logits, int label, int 
         loss_total[0] = loss_total[0] + (double)result.loss;
         wrong_total[0] += result.prediction != label;
     }
-}
-
-// act(w . x + b) of one row by one warp, in layer_forward_mv's order (see the top). w (n_in,) in
-// shared or global memory, x (n_in,) in shared memory.
-__device__ __forceinline__ float row_forward(const float* w, const float* x, int n_in, float bias, bool activate)
-{
-    const int lane = threadIdx.x & 31;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j0 = lane; j0 < n_in; j0 += 32 * PT_MV_UNROLL) {
-        float wv[PT_MV_UNROLL], xv[PT_MV_UNROLL];
-#pragma unroll
-        for (int k = 0; k < PT_MV_UNROLL; ++k) {
-            const int j = j0 + 32 * k;
-            const bool inside = j < n_in;
-            wv[k] = inside ? w[j] : 0.0f;
-            xv[k] = inside ? x[j] : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < PT_MV_UNROLL; ++k)
-            acc[k & 3] = fmaf(wv[k], xv[k], acc[k & 3]);
-    }
-    float sum = __fadd_rn(__fadd_rn(acc[0], acc[1]), __fadd_rn(acc[2], acc[3]));
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-        sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
-    const float a = __fadd_rn(sum, bias);
-    return activate ? scaled_tanh(a) : a;
 }
 
 // Where a block finds its part of each layer, computed once per launch by thread 0.

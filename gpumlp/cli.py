@@ -81,12 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "emulate: the GPU code path on the CPU emulator (slow; for testing)")
     run.add_argument("--graph-steps", type=int, default=0, metavar="K",
                      help="training steps per captured CUDA graph (0: chosen automatically)")
-    run.add_argument("--engine", choices=("auto", "graph", "persistent"), default="auto",
+    run.add_argument("--engine", choices=("auto", "graph", "persistent", "spread"), default="auto",
                      help="online training on a device: graph replays ~18 launches per image (net 4) from CUDA "
                           "graphs; persistent trains many images per cooperative launch, each block's "
                           "weights on chip where they fit; auto takes persistent where the device and the net "
-                          "allow it (both give the same weights, bit for bit); on --resume, the run's engine "
-                          "unless given")
+                          "allow it (both give the same weights, bit for bit); spread (only when asked for) "
+                          "spreads every layer over the whole grid, weights in registers, shared memory and L2, "
+                          "and sums in another order (the reference's result within its tolerance, not the "
+                          "same bits); on --resume, the run's engine unless given")
     run.add_argument("--skip-selfcheck", action="store_true",
                      help="on a GPU, train without first checking the kernels against the reference "
                           "(the quick part of python -m gpumlp.selfcheck, a few seconds)")
@@ -342,8 +344,8 @@ def check_host_memory(config: TrainConfig, device) -> None:
 def make_trainer(config: TrainConfig, split, device, log):
     params = nets.init_params(config.sizes, config.seed)
     if device is None:
-        if config.engine == "persistent":
-            raise UserError("--engine persistent needs a device (--device cuda or emulate), "
+        if config.engine in ("persistent", "spread"):
+            raise UserError(f"--engine {config.engine} needs a device (--device cuda or emulate), "
                             "but the run is on the CPU reference")
         from gpumlp.train_cpu import CpuTrainer
         return CpuTrainer(params, split.train_images, split.train_labels, config.batch_size,
@@ -351,8 +353,9 @@ def make_trainer(config: TrainConfig, split, device, log):
                           threads=config.threads, last_epoch=config.epochs)
     from gpumlp.train_gpu import DeviceTrainer
     from gpumlp.train_persistent import PersistentTrainer, choose_engine
+    from gpumlp.train_spread import SpreadTrainer
     engine, why = choose_engine(config.engine, device, config.sizes, config.batch_size)
-    trainer_class = PersistentTrainer if engine == "persistent" else DeviceTrainer
+    trainer_class = {"persistent": PersistentTrainer, "spread": SpreadTrainer}.get(engine, DeviceTrainer)
     trainer = trainer_class(device, params, split, config, log)
     trainer.engine_reason = why
     return trainer

@@ -16,8 +16,9 @@ DEFAULT_LR_DECAY = 0.991
 # Settings newer than some recorded runs: a run that lacks one ran with its default.
 ADDED_LATER = ("threads",)
 # Settings a resumed run may change: where the data is, where and how often it is saved, and what it
-# runs on (the result stays the same on one device; both online engines give the same weights, bit
-# for bit). Every other setting is the run's identity.
+# runs on (the result stays the same on one device; the graph and persistent engines give the same
+# weights, bit for bit; the spread engine sums in another order, within the reference's tolerance,
+# from the epoch it takes over). Every other setting is the run's identity.
 RESUMABLE = ("epochs", "data_dir", "device", "checkpoint_every", "checkpoint_minutes", "engine")
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     graph_steps: int = 0  # samples per captured CUDA graph; 0 picks a size from the data
     threads: int | None = None  # BLAS threads on the CPU; None: chosen from batch size and cores
-    engine: str = "auto"  # the online engine on a device: auto, graph or persistent
+    engine: str = "auto"  # the online engine on a device: auto, graph, persistent or spread
 
     @property
     def sizes(self) -> list[int]:
@@ -124,8 +125,9 @@ def validate(config: TrainConfig) -> None:
          "deformation amplitudes (--beta, --beta-1-7, --gamma, --alpha) must be non-negative"),
         (config.gamma < 100, "--gamma must be below 100 (a scale of 1 - gamma/100 must stay positive)"),
         (config.device in ("auto", "cuda", "cpu", "emulate"), "--device must be auto, cuda, cpu or emulate"),
-        (config.engine in ("auto", "graph", "persistent"), "--engine must be auto, graph or persistent"),
-        (config.engine != "persistent" or config.device != "cpu", "--engine persistent needs --device cuda or emulate"),
+        (config.engine in ("auto", "graph", "persistent", "spread"), "--engine must be auto, graph, persistent or spread"),
+        (config.engine not in ("persistent", "spread") or config.device != "cpu",
+         f"--engine {config.engine} needs --device cuda or emulate"),
     ]
     for ok, message in checks:
         if not ok:

@@ -257,6 +257,11 @@ class EmulatedDevice(Device):
         shared = kernel.module.static_shared_bytes(kernel.name) + int(shared_mem)
         return min(cooperative.resident_block_limit(threads, 0, shared), cooperative.MAX_THREADS // threads)
 
+    def max_dynamic_shared(self, kernel) -> int:
+        """The most dynamic shared memory (bytes) one block of `kernel` may opt in to."""
+        from gpumlp.emulator import SHARED_BYTES_WITH_OPT_IN
+        return SHARED_BYTES_WITH_OPT_IN - kernel.module.static_shared_bytes(kernel.name)
+
     def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
         """Every block resident at once, the blocks in the device's block order between grid
         barriers; `indirect`: the arrays the kernel reaches through addresses in its arguments,
@@ -348,6 +353,11 @@ class CudaDevice(Device):
             return 0
         per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, int(threads), int(shared_mem))
         return int(per_sm) * int(self.properties["multiProcessorCount"])
+
+    def max_dynamic_shared(self, kernel) -> int:
+        """The most dynamic shared memory (bytes) one block of `kernel` may opt in to: the device's
+        per-block opt-in maximum less the kernel's static shared memory."""
+        return int(self.properties["sharedMemPerBlockOptin"]) - int(kernel.shared_size_bytes)
 
     def launch_cooperative(self, kernel, grid, block, args, shared_mem: int = 0, indirect=()) -> None:
         check_kernel_args(getattr(kernel, "name", "kernel"), args)

@@ -26,7 +26,7 @@ LAYER_ARRAYS = 5             # W, b, vW, vb, y per layer in the kernel's table
 
 LAUNCH_STEPS_CUDA = 1000     # images per launch: progress and Ctrl-C stay responsive
 LAUNCH_STEPS_EMULATED = 64
-ENGINES = ("auto", "graph", "persistent")
+ENGINES = ("auto", "graph", "persistent", "spread")
 
 
 def layer_chunks(sizes) -> list[int]:
@@ -94,14 +94,25 @@ def plan_launch(device, kernel, sizes, blocks: int | None = None, weights_in_sha
                       f"{grid} blocks of {PERSISTENT_THREADS} threads ({chunks} row chunks, {resident} resident), {where}")
 
 
+def cooperative_reason(device) -> str | None:
+    """Why the device cannot run a cooperative engine (None: it can)."""
+    if device.supports_cooperative_launch():
+        return None
+    return "the device cannot launch kernels cooperatively (cudaDevAttrCooperativeLaunch is 0)"
+
+
 def choose_engine(requested: str, device, sizes, batch_size: int) -> tuple[str, str]:
     """(engine, why): auto takes persistent where the device can launch cooperatively and the net
-    fits the kernel's limits, else graph."""
+    fits the kernel's limits, else graph; spread only when requested."""
     if requested == "graph":
         return "graph", "requested"
-    reason = unsupported_reason(sizes, batch_size)
-    if reason is None and not device.supports_cooperative_launch():
-        reason = "the device cannot launch kernels cooperatively (cudaDevAttrCooperativeLaunch is 0)"
+    if requested == "spread":   # never auto's choice: it sums in another order (its own tolerance)
+        from gpumlp import spread_plan
+        reason = spread_plan.unsupported_reason(sizes, batch_size) or cooperative_reason(device)
+        if reason is not None:
+            raise UserError(f"--engine spread: {reason}")
+        return "spread", "requested"
+    reason = unsupported_reason(sizes, batch_size) or cooperative_reason(device)
     if requested == "persistent":
         if reason is not None:
             raise UserError(f"--engine persistent: {reason}")
@@ -111,19 +122,14 @@ def choose_engine(requested: str, device, sizes, batch_size: int) -> tuple[str, 
     return "persistent", "the device launches cooperatively and the net fits the persistent kernel"
 
 
-class PersistentTrainer(DeviceTrainer):
-    engine = "persistent"
+class CooperativeTrainer(DeviceTrainer):
+    """What the engines of one cooperative launch per chunk of images share (PersistentTrainer,
+    train_spread.SpreadTrainer): the kernel's table of layer arrays, the grid barrier, and an epoch
+    as launches of `launch_steps` images."""
 
-    def __init__(self, device, params, split, config, log=print, blocks: int | None = None,
-                 weights_in_shared: bool | None = None):
+    def __init__(self, device, params, split, config, log=print):
         super().__init__(device, params, split, config, log)
-        reason = unsupported_reason(self.sizes, self.batch_size)
-        if reason is not None:
-            raise UserError(f"--engine persistent: {reason}")
         d = device
-        self.kernel = d.cooperative_kernel(SOURCE, KERNEL)
-        self.plan = plan_launch(d, self.kernel, self.sizes, blocks, weights_in_shared)
-        log(f"persistent engine: {self.plan.why}")
         self.launch_steps = LAUNCH_STEPS_EMULATED if d.is_emulated else LAUNCH_STEPS_CUDA
         activations = self.buffers[1]["activations"]
         # The arrays the kernel reaches through the table's addresses: the device's own
@@ -134,18 +140,16 @@ class PersistentTrainer(DeviceTrainer):
             self.layer_arrays += [W, b, vW, vb, activations[layer]]
         self.layer_table = d.asarray(np.array([d.address(a) for a in self.layer_arrays], np.uint64))
         self.layer_sizes = d.asarray(np.array(self.sizes, np.int32))
-        partials = sum(c * n_in for c, n_in in zip(layer_chunks(self.sizes)[1:], self.sizes[1:-1]))
-        self.partial = d.empty(max(partials, 1))
         self.barrier = d.zeros(1, np.uint32)
 
-    def launch(self, steps: int) -> None:
-        """`steps` online SGD steps from the device cursor on, in one cooperative launch."""
-        args = (self.layer_table, self.layer_sizes, self.partial, self.epoch_images, self.train_labels, self.order,
+    def common_args(self, steps: int) -> tuple:
+        """The arguments both cooperative kernels begin with, up to n_samples."""
+        return (self.layer_table, self.layer_sizes, self.partial, self.epoch_images, self.train_labels, self.order,
                 self.cursor, self.loss_total, self.wrong_total, self.hyper.array, self.barrier,
-                np.int32(len(self.sizes) - 1), np.int32(steps), np.int32(self.n_train),
-                np.int32(self.plan.weights_in_shared))
-        self.device.launch_cooperative(self.kernel, (self.plan.blocks,), (PERSISTENT_THREADS,), args,
-                                       shared_mem=self.plan.shared_bytes, indirect=self.layer_arrays)
+                np.int32(len(self.sizes) - 1), np.int32(steps), np.int32(self.n_train))
+
+    def launch(self, steps: int) -> None:
+        raise NotImplementedError
 
     def train_epoch(self, epoch: int, lr: float, order: np.ndarray, progress=None):
         self.begin_epoch(epoch, lr, order)   # lr into self.hyper, which the kernel reads
@@ -155,3 +159,26 @@ class PersistentTrainer(DeviceTrainer):
             if progress is not None:
                 progress(done + steps)
         return self.epoch_totals(len(order))
+
+
+class PersistentTrainer(CooperativeTrainer):
+    engine = "persistent"
+
+    def __init__(self, device, params, split, config, log=print, blocks: int | None = None,
+                 weights_in_shared: bool | None = None):
+        reason = unsupported_reason(config.sizes, config.batch_size)
+        if reason is not None:
+            raise UserError(f"--engine persistent: {reason}")
+        super().__init__(device, params, split, config, log)
+        d = device
+        self.kernel = d.cooperative_kernel(SOURCE, KERNEL)
+        self.plan = plan_launch(d, self.kernel, self.sizes, blocks, weights_in_shared)
+        log(f"persistent engine: {self.plan.why}")
+        partials = sum(c * n_in for c, n_in in zip(layer_chunks(self.sizes)[1:], self.sizes[1:-1]))
+        self.partial = d.empty(max(partials, 1))
+
+    def launch(self, steps: int) -> None:
+        """`steps` online SGD steps from the device cursor on, in one cooperative launch."""
+        args = self.common_args(steps) + (np.int32(self.plan.weights_in_shared),)
+        self.device.launch_cooperative(self.kernel, (self.plan.blocks,), (PERSISTENT_THREADS,), args,
+                                       shared_mem=self.plan.shared_bytes, indirect=self.layer_arrays)
