@@ -35,14 +35,9 @@ from gpumlp.engine_model import F32, H100_SXM, ModelDevice, Phase, closing_lines
 from gpumlp.gpu_limits import arch_limits, theoretical_occupancy
 from gpumlp.spread_plan import (REGISTER_COLUMNS, REGISTER_ROWS, THREADS, block_rows, block_storage,
                                 grid_syncs_per_image, owners, partial_floats, register_layer, scratch_floats,
-                                unsupported_reason)
+                                shared_weight_floats_needed, unsupported_reason)
+from gpumlp.train_spread import KERNEL, SOURCE
 
-SOURCE = "mlp_spread.cu"
-KERNEL = "train_online_spread"
-# Registers per thread taken while cuda_kernels/mlp_spread.cu is absent (then nothing can be
-# compiled): the most a thread may have. They only set the occupancy, which one block of 256
-# threads per SM fits at any count up to 255; the time per image does not depend on them.
-REGISTERS_WITHOUT_KERNEL = 255
 WARPS = THREADS // 32
 WAVEFRONT = 128     # bytes: one shared-memory access of a warp, one clock of the SM's shared memory
 SECTOR = 32         # bytes: what L2 sends for a lone 4-byte load
@@ -67,14 +62,6 @@ class _BlockWork:
     resident_bytes: int = 0   # global: weights in W, biases, velocities (L2, or HBM when they do not fit)
     flops: int = 0
     round_trips: int = 1
-
-
-def kernel_resources(arch: str):
-    """The compile gate's record of train_online_spread on `arch`; None while the source is absent."""
-    path = KERNEL_DIR / SOURCE
-    if not path.exists():
-        return None
-    return compile_gate.resources_by_kernel(compile_gate.compile_all([arch], [path]))[(KERNEL, arch)]
 
 
 def _warp_accesses(n: int) -> int:
@@ -120,24 +107,25 @@ def _backward(sizes, l, storage, rows, last, blocks, momentum) -> _BlockWork:
     return work
 
 
-def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevice = H100_SXM,
-          registers_without_kernel: int = REGISTERS_WITHOUT_KERNEL) -> dict:
+def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevice = H100_SXM) -> dict:
     reason = unsupported_reason(sizes, 1)
     if reason is not None:
         raise ValueError(f"the spread engine cannot train {nets.describe(sizes)}: {reason}")
     limits = arch_limits(arch)
-    used = kernel_resources(arch)
-    registers = used.registers if used else registers_without_kernel
-    static_shared = used.shared_bytes if used else 0
-    grid = device.sms
+    used = compile_gate.resources_by_kernel(compile_gate.compile_all([arch], [KERNEL_DIR / SOURCE]))[(KERNEL, arch)]
+    grid = device.sms   # one block per SM: 256 threads of ~250 registers (train_spread.plan_launch's grid)
     scratch = scratch_floats(sizes, grid)
-    capacity = (limits.shared_per_sm - limits.shared_reserved_per_block - static_shared) // F32 - scratch
-    if capacity < 0:
+    # train_spread.plan_launch: every non-register row of the busiest block, if the opt-in maximum
+    # of dynamic shared memory holds them beside the scratch, else as many as it holds
+    room = (limits.shared_per_sm - limits.shared_reserved_per_block - used.shared_bytes) // F32 - scratch
+    if room < 0:
         raise ValueError(f"the spread engine cannot train {nets.describe(sizes)}: its {F32 * scratch:,} bytes of "
                          f"shared scratch per block exceed {arch}'s shared memory")
+    capacity = min(shared_weight_floats_needed(sizes, grid), room)
     storages = [block_storage(sizes, b, grid, capacity) for b in range(grid)]
-    dynamic = F32 * (scratch + max(s.shared_floats(sizes) for s in storages))
-    occupancy = theoretical_occupancy(limits, THREADS, registers, static_shared + dynamic)
+    dynamic = F32 * (scratch + capacity)
+    registers = used.registers
+    occupancy = theoretical_occupancy(limits, THREADS, registers, used.shared_bytes + dynamic)
     if occupancy.blocks_per_sm < 1:
         raise ValueError(f"the spread engine cannot train {nets.describe(sizes)}: a block of {THREADS} threads "
                          f"with {registers} registers each does not fit one {arch} SM")
@@ -193,9 +181,7 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     return {
         "net": nets.describe(sizes), "sizes": list(sizes), "weights": weights, "arch": arch, "device": device.name,
         "momentum": momentum, "grid": grid, "threads": THREADS, "registers": registers,
-        "registers_from": "NVRTC" if used else "assumed: no kernel source",
-        "spill_bytes": (used.spill_store_bytes + used.spill_load_bytes) if used else None,
-        "static_shared": static_shared, "dynamic_shared": dynamic, "scratch_bytes": F32 * scratch,
+        "spill_bytes": used.spill_store_bytes + used.spill_load_bytes, "static_shared": used.shared_bytes, "dynamic_shared": dynamic, "scratch_bytes": F32 * scratch,
         "shared_capacity_floats": capacity, "blocks_per_sm": occupancy.blocks_per_sm,
         "occupancy": occupancy.fraction, "occupancy_limiter": occupancy.limiter, "register_layer": reg_layer,
         "storages": storages, "floats_in_registers": in_registers, "floats_in_shared": in_shared,
@@ -216,7 +202,6 @@ def render(m: dict) -> str:
     sizes, storages, grid = m["sizes"], m["storages"], m["grid"]
     n_layers = len(sizes) - 1
     per_image = m["per_image_seconds"]
-    spills = "spills unknown" if m["spill_bytes"] is None else f"{m['spill_bytes']} B spilled"
     tile = (f"layer {m['register_layer']}'s first {REGISTER_ROWS} rows of each block"
             f" ({REGISTER_ROWS} x {REGISTER_COLUMNS} weights per thread)"
             if m["register_layer"] >= 0 else "none (no hidden layer has n_in <= 2560)")
@@ -224,7 +209,7 @@ def render(m: dict) -> str:
         f"spread engine model (nothing measured): net {m['net']} ({m['weights']:,} weights), online"
         f"{' with momentum' if m['momentum'] else ''}, {m['arch']} on an {m['device']}",
         f"grid {grid} blocks (one per SM) x {m['threads']} threads, {m['registers']} registers/thread "
-        f"({m['registers_from']}; {spills}), shared memory {m['static_shared']:,} B static + "
+        f"({m['spill_bytes']} B spilled; NVRTC), shared memory {m['static_shared']:,} B static + "
         f"{m['dynamic_shared']:,} B dynamic per block ({m['scratch_bytes']:,} B of it scratch), "
         f"{m['blocks_per_sm']} block/SM resident (occupancy {100 * m['occupancy']:.1f}%, limited by "
         f"{m['occupancy_limiter']})",

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gpumlp import nets, profile, spread_model
+from gpumlp import nets, profile
 from gpumlp.engine_model import F32, H100_SXM
 from gpumlp.spread_model import model
 
@@ -59,12 +59,6 @@ def test_momentum_reads_and_writes_every_velocity_in_global_memory():
     assert moved == 2 * F32 * nets.count_weights(sizes)
     assert heavy["per_image_seconds"] > plain["per_image_seconds"]
     assert heavy["floats_in_registers"] == plain["floats_in_registers"]   # velocities take no room on chip
-
-
-def test_without_the_kernel_source_the_registers_are_the_named_assumption(monkeypatch):
-    monkeypatch.setattr(spread_model, "SOURCE", "absent_kernel.cu")
-    m = model(paper_net(1), registers_without_kernel=200)
-    assert (m["registers"], m["registers_from"], m["spill_bytes"]) == (200, "assumed: no kernel source", None)
 
 
 @pytest.mark.parametrize("net,syncs", [(1, 4), (4, 10)])
