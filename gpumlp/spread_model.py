@@ -39,6 +39,9 @@ from gpumlp.spread_plan import (REGISTER_COLUMNS, REGISTER_ROWS, THREADS, block_
 from gpumlp.train_spread import KERNEL, SOURCE
 
 WARPS = THREADS // 32
+NOT_COUNTED = ("latency within a phase beyond its L2 round trips (a column's walk down its rows waits for each "
+               "row's load in turn), the issue slots of the multiplies and subtractions beside the FMAs, the "
+               "shared memory's fill and write-back once per launch")
 WAVEFRONT = 128     # bytes: one shared-memory access of a warp, one clock of the SM's shared memory
 SECTOR = 32         # bytes: what L2 sends for a lone 4-byte load
 
@@ -260,5 +263,6 @@ def render(m: dict) -> str:
               f"| {p.cost.global_bytes:,} | {p.cost.flops:,} | {p.round_trips} | {p.cost.seconds * 1e6:.2f} | {p.cost.bound} |"
               for p in m["phases"]]
     parts = "; ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in m["parts"].items())
-    lines += ["", *closing_lines(per_image, f"{m['bound']} ({parts}; slowest phase {m['slowest_phase']})")]
+    lines += ["", *closing_lines(per_image, f"{m['bound']} ({parts}; slowest phase {m['slowest_phase']})"),
+              f"not counted: {NOT_COUNTED}"]
     return "\n".join(lines)
