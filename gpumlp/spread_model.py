@@ -184,7 +184,8 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     return {
         "net": nets.describe(sizes), "sizes": list(sizes), "weights": weights, "arch": arch, "device": device.name,
         "momentum": momentum, "grid": grid, "threads": THREADS, "registers": registers,
-        "spill_bytes": used.spill_store_bytes + used.spill_load_bytes, "static_shared": used.shared_bytes, "dynamic_shared": dynamic, "scratch_bytes": F32 * scratch,
+        "spill_bytes": used.spill_store_bytes + used.spill_load_bytes, "static_shared": used.shared_bytes,
+        "dynamic_shared": dynamic, "scratch_bytes": F32 * scratch,
         "shared_capacity_floats": capacity, "blocks_per_sm": occupancy.blocks_per_sm,
         "occupancy": occupancy.fraction, "occupancy_limiter": occupancy.limiter, "register_layer": reg_layer,
         "storages": storages, "floats_in_registers": in_registers, "floats_in_shared": in_shared,
