@@ -43,19 +43,6 @@
 #define PT_MAX_LAYERS 12    // train_persistent.MAX_LAYERS (net 5 has 10)
 #define PT_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
 
-// softmax_xent of train_step.cu for ONE row, by one warp: delta[c] = softmax - onehot(label) into
-// shared memory (softmax_xent_row), and (lane 0) the loss and the error added to the epoch totals
-// as finish_step adds them. logits (n_classes,) in global memory, written by this block.
-__device__ __forceinline__ void softmax_row(const float* logits, int label, int n_classes, float* delta,
-                                            double* loss_total, int* wrong_total)
-{
-    const SoftmaxXent result = softmax_xent_row(logits, label, n_classes, delta);
-    if ((threadIdx.x & 31) == 0) {
-        loss_total[0] = loss_total[0] + (double)result.loss;
-        wrong_total[0] += result.prediction != label;
-    }
-}
-
 // Where a block finds its part of each layer, computed once per launch by thread 0.
 struct LayerPlan {
     float *W, *b, *vW, *vb, *y;

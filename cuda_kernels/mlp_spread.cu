@@ -282,13 +282,8 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             const SpreadLayer& p = plan[l];
             if (p.rows > 0) {
                 if (l == last) {
-                    if (warp == 0) {
-                        const SoftmaxXent result = softmax_xent_row(p.y, labels[sample], p.n_out, delta);
-                        if (lane == 0) {
-                            loss_total[0] = loss_total[0] + (double)result.loss;
-                            wrong_total[0] += result.prediction != labels[sample];
-                        }
-                    }
+                    if (warp == 0)
+                        softmax_row(p.y, labels[sample], p.n_out, delta, loss_total, wrong_total);
                 } else {
                     // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the
                     // top; -0 is the identity of the sum), times f'(y_l[i])

@@ -1,6 +1,7 @@
 // The softmax/cross-entropy of one row by one warp, shared by the graph engine's softmax_xent
-// (train_step.cu) and the persistent engine's train_online_persistent (mlp_persistent.cu), so that
-// both engines end with the same bits. Reference: gpumlp/reference.py softmax_xent_ref.
+// (train_step.cu) and the cooperative kernels train_online_persistent (mlp_persistent.cu, which so
+// ends with the graph engine's bits) and train_online_spread (mlp_spread.cu). Reference:
+// gpumlp/reference.py softmax_xent_ref.
 #pragma once
 
 #define FULL_MASK 0xffffffffu   // every lane of the warp takes part in the shuffles
@@ -68,4 +69,18 @@ __device__ __forceinline__ SoftmaxXent softmax_xent_row(const float* logits, int
     result.loss = label_ok ? __fsub_rn(logf(total), __fsub_rn(logits[label], best)) : __int_as_float(0x7fc00000);
     result.prediction = best_index;
     return result;
+}
+
+// softmax_xent of train_step.cu for ONE row, by one warp, for the cooperative kernels
+// (mlp_persistent.cu, mlp_spread.cu): delta[c] = softmax - onehot(label) into shared memory
+// (softmax_xent_row), and (lane 0) the loss and the error added to the epoch totals as finish_step
+// adds them. logits (n_classes,) in global memory, written by the calling block.
+__device__ __forceinline__ void softmax_row(const float* logits, int label, int n_classes, float* delta,
+                                            double* loss_total, int* wrong_total)
+{
+    const SoftmaxXent result = softmax_xent_row(logits, label, n_classes, delta);
+    if ((threadIdx.x & 31) == 0) {
+        loss_total[0] = loss_total[0] + (double)result.loss;
+        wrong_total[0] += result.prediction != label;
+    }
 }

@@ -163,3 +163,28 @@ def finish_step_ref(loss: np.ndarray, wrong: np.ndarray, loss_total: float, wron
     for value in np.asarray(loss, dtype=F32):
         total += float(value)
     return total, int(wrong_total) + int(np.sum(wrong)), int(cursor) + len(loss)
+
+
+def train_online_ref(params, velocities, images, labels, order, cursor: int, steps: int, lr, momentum=0.0):
+    """`steps` online SGD steps (batch size 1) on images[order[cursor]], images[order[cursor + 1]],
+    ..., in place: what one launch of the cooperative kernels train_online_persistent
+    (mlp_persistent.cu) and train_online_spread (mlp_spread.cu) does, up to summation order (a
+    composition of forward_all, softmax_xent_ref, backprop_delta_ref with the weights before the
+    step, sgd_update_ref and finish_step_ref).
+
+    params [(W (n_out, n_in), b (n_out,)) per layer] and velocities alike (used only with momentum),
+    images (N, n_in), labels (N,), order (N,) a permutation -> (the steps' losses summed in double,
+    their error count)."""
+    loss_total, wrong_total = 0.0, 0
+    for position in range(cursor, min(cursor + steps, len(order))):
+        X, label = gather_batch_ref(images, labels, order, position, 1)
+        activations = forward_all(params, X)
+        soft = softmax_xent_ref(activations[-1], label)
+        delta = soft["delta"]
+        for layer in reversed(range(len(params))):
+            W, b = params[layer]
+            below = backprop_delta_ref(W, delta, activations[layer]) if layer else None
+            sgd_update_ref(W, b, delta, activations[layer], lr, momentum, *velocities[layer])
+            delta = below
+        loss_total, wrong_total, _ = finish_step_ref(soft["loss"], soft["wrong"], loss_total, wrong_total, position)
+    return loss_total, wrong_total

@@ -42,6 +42,14 @@ def synthetic_mnist(monkeypatch):
     return data
 
 
+@pytest.fixture
+def data100(monkeypatch):
+    """100 training and 40 test images of the synthetic set (seed 7), which `load_mnist` returns."""
+    data = make_synthetic_mnist(n_train=100, n_test=40, seed=7)
+    monkeypatch.setattr("gpumlp.data.load_mnist", lambda *args, **kwargs: data)
+    return data
+
+
 def pytest_collection_modifyitems(items):
     """A test that asks for real digits is an `mnist` test, marked or not (so `-m "not mnist"` works)."""
     for item in items:

@@ -1,6 +1,8 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from gpumlp.tolerances import compare, first_difference
@@ -69,3 +71,20 @@ def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
         ink[:, :4] = ink[:, -4:] = 0
         images[i] = (2 * ink - 1).ravel()
     return images
+
+
+def weights_sha(run) -> str:
+    """The weights_sha256 a finished run (gpumlp.rundir.RunDir) recorded in summary.json."""
+    return json.loads((run.path / "summary.json").read_text())["weights_sha256"]
+
+
+def first_state_difference(expected_state, state):
+    """(layer, array, worst index, expected, got) of the first array of two trainer states
+    (get_state: params, then velocities) that differs, or None."""
+    for layer, (expected, got) in enumerate(zip(expected_state["params"] + expected_state["velocities"],
+                                                state["params"] + state["velocities"])):
+        for name, e, g in zip(("W", "b"), expected, got):
+            if not np.array_equal(e, g, equal_nan=False):
+                index = np.unravel_index(np.argmax(np.abs(e - g)), e.shape)
+                return layer, name, index, e[index], g[index]
+    return None

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_synthetic_mnist
+from helpers import first_state_difference, weights_sha
 from gpumlp import cli
 from gpumlp.rundir import RunDir
 from gpumlp.training import epoch_order
@@ -16,20 +16,9 @@ ODD_NET = ["--hidden", "37", "29", "23", "--train-images", "100", "--test-images
            "--momentum", "0.5", "--checkpoint-every", "1", "--batch-size", "1"]
 
 
-@pytest.fixture
-def data100(monkeypatch):
-    data = make_synthetic_mnist(n_train=100, n_test=40, seed=7)
-    monkeypatch.setattr("gpumlp.data.load_mnist", lambda *args, **kwargs: data)
-    return data
-
-
 def train(out, *args):
     assert cli.main(["--device", "emulate", *ODD_NET, *map(str, args), "--out", str(out)]) == 0
     return RunDir(out)
-
-
-def weights_sha(run):
-    return json.loads((run.path / "summary.json").read_text())["weights_sha256"]
 
 
 @pytest.mark.parametrize("momentum", ["0.5", "0"], ids=["momentum", "plain-sgd"])
@@ -95,17 +84,6 @@ def train_both(graph, persistent, epochs=1):
     return graph.get_state(), persistent.get_state()
 
 
-def first_difference(expected_state, state):
-    """(layer, array, worst index, expected, got) of the first array that differs, or None."""
-    for layer, (expected, got) in enumerate(zip(expected_state["params"] + expected_state["velocities"],
-                                                state["params"] + state["velocities"])):
-        for name, e, g in zip(("W", "b"), expected, got):
-            if not np.array_equal(e, g, equal_nan=False):
-                index = np.unravel_index(np.argmax(np.abs(e - g)), e.shape)
-                return layer, name, index, e[index], g[index]
-    return None
-
-
 @pytest.mark.parametrize("options", [dict(blocks=1), dict(blocks=2), dict(blocks=7, weights_in_shared=False),
                                      dict(blocks=3, block_order="random"), dict(block_order="reverse"),
                                      dict(blocks=2, reverse_threads=True)],
@@ -122,7 +100,7 @@ def test_any_grid_block_order_and_weight_place_gives_the_graph_engines_bits(data
     # threads of a block last to first, shared memory poisoned: what a missing __syncthreads shows in
     persistent.kernel.module.reverse_threads = persistent.kernel.module.poison_shared = reverse_threads
     assert persistent.plan.blocks == options.get("blocks", 5)
-    assert first_difference(*train_both(graph, persistent)) is None
+    assert first_state_difference(*train_both(graph, persistent)) is None
 
 
 def test_a_planted_missing_grid_sync_is_caught(data100):
@@ -147,7 +125,7 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
             order = epoch_order(0, 1, graph.n_train)
             graph.train_epoch(1, 0.01, order)
             persistent.train_epoch(1, 0.01, order)
-            differs[name, block_order] = first_difference(graph.get_state(), persistent.get_state()) is not None
+            differs[name, block_order] = first_state_difference(graph.get_state(), persistent.get_state()) is not None
     assert differs == {("as is", "launch"): False, ("as is", "random"): False,
                        ("planted", "launch"): True, ("planted", "random"): True}
 
@@ -170,7 +148,7 @@ def test_a_planted_missing_syncthreads_is_caught_by_reversed_threads(data100):
     order = epoch_order(0, 1, graph.n_train)
     graph.train_epoch(1, 0.01, order)
     persistent.train_epoch(1, 0.01, order)
-    assert first_difference(graph.get_state(), persistent.get_state()) is not None
+    assert first_state_difference(graph.get_state(), persistent.get_state()) is not None
 
 
 def test_a_grid_larger_than_the_resident_blocks_is_refused(data100):
@@ -231,7 +209,7 @@ def test_net_1_keeps_its_weights_in_more_than_48_kib_of_shared_memory_with_the_o
     persistent = PersistentTrainer(EmulatedDevice(), nets.init_params(config.sizes, 0), split, config, quiet)
     assert persistent.plan.weights_in_shared and persistent.plan.shared_bytes > 48 * 1024
     assert persistent.kernel.max_dynamic_shared_size_bytes >= persistent.plan.shared_bytes
-    assert first_difference(*train_both(graph, persistent)) is None
+    assert first_state_difference(*train_both(graph, persistent)) is None
     persistent.kernel.max_dynamic_shared_size_bytes = 0
     with pytest.raises(EmulatorError, match=rf"invalid launch: {persistent.plan.shared_bytes} bytes of dynamic shared"):
         persistent.kernel.launch_cooperative(persistent.plan.blocks, PERSISTENT_THREADS, (), persistent.plan.shared_bytes)
