@@ -6,39 +6,61 @@
 //
 // Ownership. Hidden layer l (W_l is (n_out, n_in)) is cut into G = gridDim.x ranges of rows:
 // block b owns rows [b n_out / G, (b + 1) n_out / G) (integer division; a block may own none when
-// n_out < G). The output layer (<= 32 rows) belongs to block 0 alone. The owner does everything to
-// its rows, for every image of the launch: their forward outputs, their deltas, their partial sums
-// of delta W and their SGD steps.
+// n_out < G). The owner does everything to its rows, for every image of the launch: their forward
+// outputs, their deltas, their partial sums of delta W and their SGD steps. The output layer (W_out
+// (n_classes, n_in_last), b_out and, with momentum, their velocities) is replicated: every block
+// keeps its own copy in shared memory and does the same operations on the same data in the same
+// order, so all copies hold the same bits; block 0 writes its copy back at the end of the launch.
 //
-// Storage of a block's rows of each layer, in row order (spread_plan.block_storage):
+// Storage of a block's rows of each hidden layer, in row order (spread_plan.block_storage):
 // - layer `register_layer` (-1: none): its first min(rows, SP_REG_ROWS) rows are held in a
 //   register tile wreg[SP_REG_ROWS][SP_REG_COLS], thread t holding columns t + SP_THREADS k of each
 //   (n_in <= SP_THREADS SP_REG_COLS); every index of wreg is a compile-time constant after unrolling
 //   (rows and columns beyond the real ones are masked), so that the tile stays in registers;
-// - the next rows of every layer, layer 0 first, fill the weight part of dynamic shared memory
-//   densely ((rows, n_in) per layer) while a whole row still fits in shared_weight_floats;
+// - the next rows of every hidden layer, layer 0 first, fill the weight part of dynamic shared
+//   memory densely ((rows, n_in) per layer) while a whole row still fits in shared_weight_floats;
 // - the rest are read and written in place in W (global memory, L2).
 // Register and shared rows are loaded from W at the start of the launch and written back at its
-// end. Biases and velocities stay in global memory. lr and momentum are read from device memory.
+// end. Hidden biases and velocities stay in global memory. lr and momentum are read from device
+// memory.
 //
 // Exchanges. Only activations y_l and partial sums cross between blocks, through global memory,
 // with a grid-wide barrier between the writes and the reads:
 //   forward:  owners write y_l[rows]               -> grid barrier -> every block reads all of y_l
-//   backward: owners write partial_l[block, :]     -> grid barrier -> the owner of row i of layer
-//             l-1 sums partial_l[b', i] over the owners b' of layer l and applies f'(y_{l-1}[i])
-// i.e. 2 (L - 1) grid barriers per image for L layers. The output layer needs none: block 0 does
-// the softmax after a __syncthreads.
-// Why no barrier between images: the next image's first writes (y_0) come after the barrier that
-// follows the last reads of y_0 by other blocks (layer 1's backward pass); every later buffer is
-// likewise rewritten only after a barrier that follows its last read by another block.
+//   output:   every block computes the logits, the softmax and delta_out from all of y_{L-2}, the
+//             deltas of its own rows of layer L-2 from its copy of W_out, and its copy's step:
+//             no exchange;
+//   backward: owners write partial_l[block, :]     -> grid barrier -> the owner of rows i0..i1 of
+//             layer l-1 loads partial_l[b', i0..i1) of every owner b' of layer l (one contiguous
+//             segment each) into shared memory, sums them and applies f'(y_{l-1}[i])
+// i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
+// after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
+// backward pass (below): 2.
+// Every backward phase waits on L2 once: its loads (the partial segments, its rows' y, the step's
+// input x, and in layer 0's phase the next image) are issued in one pass before one __syncthreads;
+// the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
+// Why no barrier between images: every buffer another block reads is rewritten only after a grid
+// barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
+// phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
+// output phase, and its next write (the next image's forward pass of layer L-2) comes after the
+// L - 2 >= 1 barriers of the backward passes of layers L-2 .. 1 — for L = 2 there are none, so the
+// output phase ends with a barrier there too. The next image is prefetched into `image` (shared, the
+// block's own) in layer 0's backward pass (L = 2: in the output phase), after this image's forward
+// pass of layer 0 (its only reader) has passed a __syncthreads; it is read in the next image's
+// forward pass of layer 0, after the __syncthreads that ends the phase. The first image of a launch
+// is loaded at its start.
 //
 // The order of every sum (fixed: independent of the block order and of where weights are kept):
 //   forward, register rows: thread t adds w[r][t + 256 k] x[t + 256 k] in increasing k in one fmaf
 //     chain per row; the chain of each warp's lanes is added by an xor butterfly; then the 8 warps'
 //     sums in warp order, then the bias;
-//   forward, other rows: one warp per row, row_forward (row_forward.cuh: layer_forward_mv's order);
-//   delta of row i of hidden layer l: lane m of a warp adds partial_{l+1}[b', i] for the owners
-//     b' = m + 32 k of layer l + 1, in increasing k, then an xor butterfly, then times f'(y_l[i]);
+//   forward, other rows and the logits: one warp per row, row_forward (row_forward.cuh:
+//     layer_forward_mv's order);
+//   delta of row i of layer L-2: one fmaf chain of W_out[c][i] delta_out[c] (the OLD W_out) in
+//     increasing c from 0, times f'(y_{L-2}[i]);
+//   delta of row i of hidden layer l < L-2: lane m of a warp adds partial_{l+1}[b', i] for the
+//     owners b' = m + 32 k of layer l + 1, in increasing k, then an xor butterfly, then times
+//     f'(y_l[i]);
 //   partial_l[b, j] (and the step of W[i, j]): thread t takes columns j = t + 256 k in increasing k
 //     and walks the block's rows of column j in row order with ONE fmaf chain of the OLD weight
 //     times delta, taking each weight's step as sgd_step does (step = lr (delta_i x_j)).
@@ -60,26 +82,34 @@
 struct SpreadLayer {
     float *W, *b, *vW, *vb, *y;
     int n_out, n_in;
-    int row_begin, rows;    // the block's rows [row_begin, row_begin + rows)
+    int row_begin, rows;    // the block's rows [row_begin, row_begin + rows) (the output layer: all)
     int register_rows;      // the first register_rows of them in the register tile,
     int shared_rows;        // the next shared_rows in `shared` ((shared_rows, n_in)), the rest in W
     float* shared;
-    float* partial;         // (gridDim.x, n_in) partial sums of this layer (layer 0: none)
+    float* partial;         // (gridDim.x, n_in) partial sums of this hidden layer (layer 0: none)
 };
 
-// [begin, end) of the rows of a layer that `block` owns: the whole output layer on block 0.
-__device__ __forceinline__ int first_row(int n_out, int block, int blocks, bool output_layer)
+// The scratch part of dynamic shared memory (spread_plan.scratch_floats, in this order).
+struct SpreadScratch {
+    float* x;          // (max n_in,) the layer's input
+    float* image;      // (sizes[0],) the image of layer 0's forward pass (prefetched)
+    float* delta;      // (max rows per block,) the deltas of the block's rows of a hidden layer
+    float* reduce;     // (SP_WARPS, SP_REG_ROWS) the register tile's forward reduction
+    float* exchange;   // the owners' partials (grid, rows | 1), or the top hidden layer's input
+    float* logits;     // (n_classes,)
+    float* delta_out;  // (n_classes,) softmax - onehot
+    float *W_out, *b_out, *vW_out, *vb_out;   // the block's copy of the output layer (n_classes, n_in)
+};
+
+// [begin, end) of the rows of hidden layer with n_out rows that `block` owns.
+__device__ __forceinline__ int first_row(int n_out, int block, int blocks)
 {
-    if (output_layer)
-        return block == 0 ? 0 : n_out;
     return (int)((long long)block * n_out / blocks);
 }
 
-__device__ __forceinline__ bool owns_rows(int n_out, int block, int blocks, bool output_layer)
+__device__ __forceinline__ bool owns_rows(int n_out, int block, int blocks)
 {
-    if (output_layer)
-        return block == 0;
-    return (long long)(block + 1) * n_out / blocks > (long long)block * n_out / blocks;
+    return first_row(n_out, block + 1, blocks) > first_row(n_out, block, blocks);
 }
 
 // Row r of the block's rows (r >= register_rows): in shared memory or in W.
@@ -89,10 +119,10 @@ __device__ __forceinline__ float* memory_row(const SpreadLayer& p, int r)
     return s < p.shared_rows ? p.shared + (size_t)s * p.n_in : p.W + (size_t)(p.row_begin + r) * p.n_in;
 }
 
-// Copies the block's shared rows of every layer between W (global) and shared memory.
-__device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int n_layers, bool to_shared)
+// Copies the block's shared rows of the hidden layers between W (global) and shared memory.
+__device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int hidden_layers, bool to_shared)
 {
-    for (int l = 0; l < n_layers; ++l) {
+    for (int l = 0; l < hidden_layers; ++l) {
         const SpreadLayer& p = plan[l];
         float* global_rows = p.W + (size_t)(p.row_begin + p.register_rows) * p.n_in;
         for (int e = threadIdx.x; e < p.shared_rows * p.n_in; e += blockDim.x) {
@@ -104,10 +134,34 @@ __device__ __forceinline__ void copy_shared_rows(const SpreadLayer* plan, int n_
     }
 }
 
+// Copies the output layer (W, b and, with `velocities`, vW, vb) between global memory and the
+// block's copy in shared memory.
+__device__ __forceinline__ void copy_output_layer(const SpreadLayer& out, const SpreadScratch& s, bool velocities,
+                                                  bool to_shared)
+{
+    const int weights = out.n_out * out.n_in;
+    for (int e = threadIdx.x; e < weights + out.n_out; e += blockDim.x) {
+        const bool bias = e >= weights;
+        float* global_value = bias ? out.b + (e - weights) : out.W + e;
+        float* shared_value = bias ? s.b_out + (e - weights) : s.W_out + e;
+        float* global_velocity = bias ? out.vb + (e - weights) : out.vW + e;
+        float* shared_velocity = bias ? s.vb_out + (e - weights) : s.vW_out + e;
+        if (to_shared) {
+            *shared_value = *global_value;
+            if (velocities)
+                *shared_velocity = *global_velocity;
+        } else {
+            *global_value = *shared_value;
+            if (velocities)
+                *global_velocity = *shared_velocity;
+        }
+    }
+}
+
 // Forward of the register rows: y[row_begin + r] = act(w_r . x + b) for r < register_rows.
 // x (n_in,) in shared memory; reduce (SP_WARPS, SP_REG_ROWS) shared scratch. Every thread calls it.
 __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
-                                                 const float* x, float* reduce, bool activate)
+                                                 const float* x, float* reduce)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float acc[SP_REG_ROWS];
@@ -139,8 +193,7 @@ __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS
         for (int w = 1; w < SP_WARPS; ++w)
             sum = __fadd_rn(sum, reduce[w * SP_REG_ROWS + threadIdx.x]);
         const int row = p.row_begin + threadIdx.x;
-        const float a = __fadd_rn(sum, p.b[row]);
-        p.y[row] = activate ? scaled_tanh(a) : a;
+        p.y[row] = scaled_tanh(__fadd_rn(sum, p.b[row]));
     }
 }
 
@@ -159,21 +212,65 @@ __device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int 
     return acc;
 }
 
+// The step of the block's rows of hidden layer l (p) from its deltas (shared, (rows,)) and its
+// input x (shared, (n_in,)), and for l >= 1 the block's partial row partial_l[blockIdx.x, :].
+// Thread t: columns t + 256 k, each down the block's rows in row order; then the biases.
+__device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
+                                              bool in_register_tile, bool write_partial, const float* x,
+                                              const float* delta, float lr, float momentum, bool use_momentum)
+{
+    float* const block_partial = write_partial ? p.partial + (size_t)blockIdx.x * p.n_in : nullptr;
+    if (in_register_tile) {
+#pragma unroll
+        for (int k = 0; k < SP_REG_COLS; ++k) {
+            const int j = threadIdx.x + SP_THREADS * k;
+            if (j < p.n_in) {
+                const float xj = x[j];
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < SP_REG_ROWS; ++r)
+                    if (r < p.register_rows) {
+                        const float d = delta[r];
+                        float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
+                        acc = fmaf(wreg[r][k], d, acc);   // the OLD weight
+                        wreg[r][k] = sgd_stepped(wreg[r][k], v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum,
+                                                 use_momentum);
+                    }
+                acc = memory_column_update(p, j, xj, delta, acc, lr, momentum, use_momentum);
+                if (write_partial)
+                    block_partial[j] = acc;
+            }
+        }
+    } else {
+        for (int j = threadIdx.x; j < p.n_in; j += blockDim.x) {
+            const float acc = memory_column_update(p, j, x[j], delta, 0.0f, lr, momentum, use_momentum);
+            if (write_partial)
+                block_partial[j] = acc;
+        }
+    }
+    for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
+        const int i = p.row_begin + r;
+        sgd_step(p.b + i, p.vb + i, __fmul_rn(lr, delta[r]), momentum, use_momentum);
+    }
+}
+
 // train_online_spread: `steps` online SGD steps on images order[cursor ...], one after another.
 //   layers (n_layers, 5) device addresses of W_l (n_out, n_in), b_l (n_out,), vW_l, vb_l (the
 //     velocities; used only when momentum != 0) and y_l (n_out,) the activations;
-//   sizes (n_layers + 1,) = n_in of layer 0, then n_out of every layer; the last <= 32;
-//   partial: for every layer l >= 1 in turn, (gridDim.x, n_in_l) floats (row b: block b's sums);
+//   sizes (n_layers + 1,) = n_in of layer 0, then n_out of every layer; n_layers >= 2;
+//   partial: for every hidden layer l >= 1 in turn, (gridDim.x, n_in_l) floats (row b: block b's
+//     sums);
 //   images (n_samples, sizes[0]), labels (n_samples,), order (n_samples,) the epoch's permutation,
 //   cursor (1,) the position in the epoch, advanced by `steps`; loss_total (1,) double and
 //   wrong_total (1,) take every image's loss and error, in image order; hyper (2,) = [lr, momentum];
 //   barrier (1,) the grid barrier's counter (zero before the first launch; stays valid after);
 //   register_layer: the hidden layer of the register tile (spread_plan.register_layer; its n_in
 //     <= SP_THREADS SP_REG_COLS), -1 for none; shared_weight_floats: the capacity of the weight
-//     part of dynamic shared memory.
+//     part of dynamic shared memory; output_velocities: 1 when momentum != 0 (the output layer's
+//     velocities then have their copy in the scratch too), else 0.
 // Grid: 1-D, at most the resident blocks (a cooperative launch); blockDim.x = SP_THREADS; dynamic
-// shared memory (floats): x (max n_in), delta (max rows per block), the register tile's reduction
-// (SP_WARPS x SP_REG_ROWS) (= spread_plan.scratch_floats), then shared_weight_floats.
+// shared memory (floats): the scratch (SpreadScratch's buffers in order, = spread_plan.scratch_floats),
+// then shared_weight_floats.
 extern "C" __global__ void __launch_bounds__(SP_THREADS, 1)
 train_online_spread(const unsigned long long* __restrict__ layers, const int* __restrict__ sizes,
                     float* __restrict__ partial, const float* __restrict__ images,
@@ -181,23 +278,49 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                     int* __restrict__ cursor, double* __restrict__ loss_total,
                     int* __restrict__ wrong_total, const float* __restrict__ hyper,
                     unsigned int* __restrict__ barrier, int n_layers, int steps, int n_samples,
-                    int register_layer, int shared_weight_floats)
+                    int register_layer, int shared_weight_floats, int output_velocities)
 {
     extern __shared__ float shared_memory[];
     __shared__ SpreadLayer plan[SP_MAX_LAYERS];
-    __shared__ int start, scratch_offsets[2];   // of delta and of the reduction in shared_memory
+    __shared__ SpreadScratch s;
+    __shared__ int start;
 
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
-        int max_in = 0, max_rows = 0;
-        for (int l = 0; l < n_layers; ++l) {
+        int max_in = 0, max_rows = 0, exchange = sizes[last - 1];   // the top hidden layer's input
+        for (int l = 0; l < last; ++l) {
             max_in = max(max_in, sizes[l]);
-            const int n_out = sizes[l + 1];
-            max_rows = max(max_rows, l == last ? n_out : (n_out + grid - 1) / grid);
+            const int rows = (sizes[l + 1] + grid - 1) / grid;
+            max_rows = max(max_rows, rows);
+            if (l + 1 < last)   // the deltas of layer l come from the partials of hidden layer l + 1
+                exchange = max(exchange, grid * (rows | 1));
         }
-        scratch_offsets[0] = max_in;
-        scratch_offsets[1] = max_in + max_rows;
-        float* weights = shared_memory + max_in + max_rows + SP_WARPS * SP_REG_ROWS;
+        const int n_classes = sizes[n_layers], out_in = sizes[last];
+        max_in = max(max_in, out_in);
+        float* next = shared_memory;
+        s.x = next;
+        next += max_in;
+        s.image = next;
+        next += sizes[0];
+        s.delta = next;
+        next += max_rows;
+        s.reduce = next;
+        next += SP_WARPS * SP_REG_ROWS;
+        s.exchange = next;
+        next += exchange;
+        s.logits = next;
+        next += n_classes;
+        s.delta_out = next;
+        next += n_classes;
+        s.W_out = next;
+        next += n_classes * out_in;
+        s.b_out = next;
+        next += n_classes;
+        s.vW_out = output_velocities ? next : s.W_out;   // untouched without momentum
+        next += output_velocities ? n_classes * out_in : 0;
+        s.vb_out = output_velocities ? next : s.b_out;
+        next += output_velocities ? n_classes : 0;
+        float* weights = next;
         int free = shared_weight_floats;
         size_t partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
@@ -209,25 +332,31 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             p.y = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 4]);
             p.n_in = sizes[l];
             p.n_out = sizes[l + 1];
-            p.row_begin = first_row(p.n_out, blockIdx.x, grid, l == last);
-            p.rows = (l == last ? p.n_out : first_row(p.n_out, blockIdx.x + 1, grid, false)) - p.row_begin;
+            p.partial = nullptr;
+            if (l == last) {   // replicated: every block holds all of it, in the scratch
+                p.row_begin = p.register_rows = 0;
+                p.rows = p.shared_rows = p.n_out;
+                p.shared = s.W_out;
+                continue;
+            }
+            p.row_begin = first_row(p.n_out, blockIdx.x, grid);
+            p.rows = first_row(p.n_out, blockIdx.x + 1, grid) - p.row_begin;
             const bool tiled = l == register_layer && p.n_in <= SP_THREADS * SP_REG_COLS;
             p.register_rows = tiled ? min(p.rows, SP_REG_ROWS) : 0;
             p.shared_rows = free > 0 ? min(p.rows - p.register_rows, free / p.n_in) : 0;
             free -= p.shared_rows * p.n_in;
             p.shared = weights;
             weights += (size_t)p.shared_rows * p.n_in;
-            p.partial = l ? partial + partial_offset : nullptr;
-            if (l)
+            if (l) {
+                p.partial = partial + partial_offset;
                 partial_offset += (size_t)grid * p.n_in;
+            }
         }
         start = cursor[0];
     }
     __syncthreads();
-    float* const x_shared = shared_memory;
-    float* const delta = shared_memory + scratch_offsets[0];
-    float* const reduce = shared_memory + scratch_offsets[1];
-    copy_shared_rows(plan, n_layers, true);
+    copy_shared_rows(plan, last, true);
+    copy_output_layer(plan[last], s, output_velocities, true);
 
     // The register tile: rows row_begin + r, columns threadIdx.x + SP_THREADS k of register_layer.
     float wreg[SP_REG_ROWS][SP_REG_COLS];
@@ -244,112 +373,154 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     const float lr = hyper[0], momentum = hyper[1];
     const bool use_momentum = momentum != 0.0f;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const SpreadLayer& out = plan[last];
+    const SpreadLayer& top = plan[last - 1];   // the last hidden layer
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
         const int position = start + step;
         if (position < 0 || position >= n_samples)
             break;   // the same for every block: the trainer never asks for it
-        const int sample = order[position];
+        const int sample = order[position], label = labels[sample];
         const float* image = images + (size_t)sample * sizes[0];
+        const bool has_next = step + 1 < steps && position + 1 < n_samples;
+        const float* next_image = has_next ? images + (size_t)order[position + 1] * sizes[0] : nullptr;
+        if (step == 0 && plan[0].rows > 0) {   // later images were prefetched by the previous one
+            for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
+                s.image[j] = __ldcg(image + j);
+            __syncthreads();
+        }
 
-        // ---- forward: the register rows by the whole block, then warp w takes the block's
-        // other rows register_rows + w, + 8, ...
-        for (int l = 0; l < n_layers; ++l) {
+        // ---- forward of the hidden layers: the register rows by the whole block, then warp w
+        // takes the block's other rows register_rows + w, + 8, ...
+        for (int l = 0; l < last; ++l) {
             const SpreadLayer& p = plan[l];
             if (p.rows > 0) {
-                const float* x = l ? plan[l - 1].y : image;
-                for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
-                    x_shared[j] = __ldcg(x + j);
-                __syncthreads();
+                const float* x = s.image;
+                if (l) {
+                    for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+                        s.x[j] = __ldcg(plan[l - 1].y + j);
+                    __syncthreads();
+                    x = s.x;
+                }
                 if (l == register_layer)
-                    register_forward(wreg, p, x_shared, reduce, l < last);
+                    register_forward(wreg, p, x, s.reduce);
                 for (int r = p.register_rows + warp; r < p.rows; r += SP_WARPS) {
                     const int row = p.row_begin + r;
-                    const float y = row_forward(memory_row(p, r), x_shared, p.n_in, p.b[row], l < last);
+                    const float y = row_forward(memory_row(p, r), x, p.n_in, p.b[row], true);
                     if (lane == 0)
                         p.y[row] = y;
                 }
             }
-            if (l < last)
-                grid_sync(barrier);
-            else
-                __syncthreads();
+            grid_sync(barrier);
         }
 
-        // ---- backward and update, top layer first
-        for (int l = last; l >= 0; --l) {
+        // ---- the output layer, in every block on its own copy, then the top hidden layer's
+        // backward pass. One pass of loads: y_{L-2} (the logits' input, f' and the output step's
+        // input) and the top layer's input (y_{L-3}, or the image; then also the next image).
+        for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
+            s.x[j] = __ldcg(top.y + j);
+        if (top.rows > 0) {
+            const float* below = last >= 2 ? plan[last - 2].y : image;
+            for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
+                s.exchange[j] = __ldcg(below + j);
+            if (last == 1 && has_next)
+                for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
+                    s.image[j] = __ldcg(next_image + j);
+        }
+        __syncthreads();
+        for (int c = warp; c < out.n_out; c += SP_WARPS) {
+            const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
+            if (lane == 0)
+                s.logits[c] = logit;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const SoftmaxXent result = softmax_xent_row(s.logits, label, out.n_out, s.delta_out);
+            if (blockIdx.x == 0 && lane == 0) {
+                loss_total[0] = loss_total[0] + (double)result.loss;
+                wrong_total[0] += result.prediction != label;
+            }
+        }
+        __syncthreads();
+        if (blockIdx.x == 0)
+            for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+                out.y[c] = s.logits[c];
+        // delta of row i of the top layer: one chain over the classes of the OLD output weights
+        for (int r = threadIdx.x; r < top.rows; r += blockDim.x) {
+            const int i = top.row_begin + r;
+            float sum = 0.0f;
+            for (int c = 0; c < out.n_out; ++c)
+                sum = fmaf(s.W_out[(size_t)c * out.n_in + i], s.delta_out[c], sum);
+            s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.x[i]));
+        }
+        __syncthreads();
+        // the output layer's step (the same operations in every block) beside the top layer's
+        for (int e = threadIdx.x; e < out.n_out * out.n_in; e += blockDim.x) {
+            const int c = e / out.n_in, j = e - c * out.n_in;
+            sgd_step(s.W_out + e, s.vW_out + e, __fmul_rn(lr, __fmul_rn(s.delta_out[c], s.x[j])), momentum,
+                     use_momentum);
+        }
+        for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+            sgd_step(s.b_out + c, s.vb_out + c, __fmul_rn(lr, s.delta_out[c]), momentum, use_momentum);
+        if (top.rows > 0)
+            hidden_update(wreg, top, last - 1 == register_layer, last >= 2, s.exchange, s.delta, lr, momentum,
+                          use_momentum);
+        // L >= 3: the partials of the top layer are read by the owners of the layer below; L = 2:
+        // every block has read y_0 before the next image's forward pass rewrites it
+        grid_sync(barrier);
+
+        // ---- backward and update of the other hidden layers, top first
+        for (int l = last - 2; l >= 0; --l) {
             const SpreadLayer& p = plan[l];
+            const SpreadLayer& above = plan[l + 1];
             if (p.rows > 0) {
-                if (l == last) {
-                    if (warp == 0)
-                        softmax_row(p.y, labels[sample], p.n_out, delta, loss_total, wrong_total);
-                } else {
-                    // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the
-                    // top; -0 is the identity of the sum), times f'(y_l[i])
-                    const SpreadLayer& above = plan[l + 1];
-                    const bool above_is_output = l + 1 == last;
-                    for (int r = warp; r < p.rows; r += SP_WARPS) {
-                        const int i = p.row_begin + r;
-                        float sum = -0.0f;
-                        for (int owner = lane; owner < grid; owner += 32)
-                            if (owns_rows(above.n_out, owner, grid, above_is_output))
-                                sum = __fadd_rn(sum, __ldcg(above.partial + (size_t)owner * above.n_in + i));
+                // One pass of loads: the owners' partials of the block's rows (owner b' at row
+                // b' (rows | 1), consecutive threads on consecutive addresses), the rows' y (into
+                // delta), the step's input x and, below layer 0, the next image.
+                const int stride = p.rows | 1;   // odd: the warp's reads below hit 32 banks
+                for (int e = threadIdx.x; e < grid * p.rows; e += blockDim.x) {
+                    const int owner = e / p.rows, r = e - owner * p.rows;
+                    if (owns_rows(above.n_out, owner, grid))
+                        s.exchange[owner * stride + r] =
+                            __ldcg(above.partial + (size_t)owner * above.n_in + p.row_begin + r);
+                }
+                for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
+                    s.delta[r] = __ldcg(p.y + p.row_begin + r);
+                const float* x = l ? plan[l - 1].y : image;
+                for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+                    s.x[j] = __ldcg(x + j);
+                if (l == 0 && has_next)
+                    for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
+                        s.image[j] = __ldcg(next_image + j);
+                __syncthreads();
+                // delta of row i: the owners' partials of layer l + 1 (a fixed tree, see the top;
+                // -0 is the identity of the sum), times f'(y_l[i])
+                for (int r = warp; r < p.rows; r += SP_WARPS) {
+                    float sum = -0.0f;
+                    for (int owner = lane; owner < grid; owner += 32)
+                        if (owns_rows(above.n_out, owner, grid))
+                            sum = __fadd_rn(sum, s.exchange[owner * stride + r]);
 #pragma unroll
-                        for (int offset = 16; offset > 0; offset >>= 1)
-                            sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
-                        if (lane == 0)
-                            delta[r] = __fmul_rn(sum, scaled_tanh_derivative(p.y[i]));
-                    }
+                    for (int offset = 16; offset > 0; offset >>= 1)
+                        sum = __fadd_rn(sum, __shfl_xor_sync(FULL_MASK, sum, offset));
+                    if (lane == 0)
+                        s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.delta[r]));
                 }
                 __syncthreads();
-
-                // thread t: columns t + 256 k, each down the block's rows in row order
-                const float* x = l ? plan[l - 1].y : image;
-                float* const block_partial = l ? p.partial + (size_t)blockIdx.x * p.n_in : nullptr;
-                if (l == register_layer) {
-#pragma unroll
-                    for (int k = 0; k < SP_REG_COLS; ++k) {
-                        const int j = threadIdx.x + SP_THREADS * k;
-                        if (j < p.n_in) {
-                            const float xj = __ldcg(x + j);
-                            float acc = 0.0f;
-#pragma unroll
-                            for (int r = 0; r < SP_REG_ROWS; ++r)
-                                if (r < p.register_rows) {
-                                    const float d = delta[r];
-                                    float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
-                                    acc = fmaf(wreg[r][k], d, acc);   // the OLD weight
-                                    wreg[r][k] = sgd_stepped(wreg[r][k], v, __fmul_rn(lr, __fmul_rn(d, xj)),
-                                                             momentum, use_momentum);
-                                }
-                            acc = memory_column_update(p, j, xj, delta, acc, lr, momentum, use_momentum);
-                            if (l)
-                                block_partial[j] = acc;
-                        }
-                    }
-                } else {
-                    for (int j = threadIdx.x; j < p.n_in; j += blockDim.x) {
-                        const float xj = __ldcg(x + j);
-                        const float acc = memory_column_update(p, j, xj, delta, 0.0f, lr, momentum, use_momentum);
-                        if (l)
-                            block_partial[j] = acc;
-                    }
-                }
-                for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {
-                    const int i = p.row_begin + r;
-                    sgd_step(p.b + i, p.vb + i, __fmul_rn(lr, delta[r]), momentum, use_momentum);
-                }
+                hidden_update(wreg, p, l == register_layer, l > 0, s.x, s.delta, lr, momentum, use_momentum);
             }
             if (l > 0)
                 grid_sync(barrier);   // the partials of layer l are read by the owners of layer l - 1
             else
-                __syncthreads();      // delta is rewritten by the next image
+                __syncthreads();      // the next image's forward pass reads the rows just stepped
         }
     }
 
-    grid_sync(barrier);   // every block has read the cursor and finished its last image
-    copy_shared_rows(plan, n_layers, false);
+    grid_sync(barrier);   // every block has read the cursor and the output layer, and finished
+    copy_shared_rows(plan, last, false);
+    if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits
+        copy_output_layer(out, s, output_velocities, false);
 #pragma unroll
     for (int r = 0; r < SP_REG_ROWS; ++r)
 #pragma unroll

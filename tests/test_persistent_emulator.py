@@ -59,6 +59,13 @@ def test_shared_memory_of_each_block_survives_the_grid_barrier(grid_kernels):
     expected = (np.arange(blocks)[:, None] * 1000 + np.arange(threads)[None, :]).ravel()
     np.testing.assert_array_equal(out, expected)
 
+@pytest.mark.parametrize("rounds", [0, 1, 4])
+def test_grid_barriers_counts_the_barriers_of_the_last_launch(grid_kernels, rounds):
+    """Kernel.grid_barriers: each grid barrier the whole grid passes counts once, not once per block."""
+    kernel = grid_kernels.get_function("shared_survives_grid_sync")
+    kernel.launch_cooperative(5, 64, (np.zeros(5 * 64, np.int32), np.int32(rounds)))
+    assert kernel.grid_barriers == rounds
+
 
 def test_a_grid_barrier_some_blocks_never_reach_is_a_deadlock_error(grid_kernels):
     out = np.zeros(4, np.int32)

@@ -23,8 +23,8 @@ from helpers import assert_close, first_state_difference, weights_sha
 
 ODD = [37, 29, 23]    # 841-37-29-23-10: every layer smaller than a register tile's 16 rows per block
 MIXED = [70, 40]      # 841-70-40-10 on 2 blocks: 35 rows of layer 0 per block, 16 of them in registers
-# 10 rows of 841 in shared memory: block 0 keeps layer 0's rows 16..25 there and rows 26..34, all of
-# layer 1 and the output layer in global memory.
+# 10 rows of 841 in shared memory: block 0 keeps layer 0's rows 16..25 there and rows 26..34 and all
+# of layer 1 in global memory; every block keeps its copy of the output layer in its scratch.
 MIXED_CAPACITY = 10 * 841
 QUIET = lambda line: None  # noqa: E731
 CLI_NET = ["--hidden", "70", "40", "--train-images", "20", "--test-images", "20", "--lr", "0.01",
@@ -45,26 +45,34 @@ def test_the_plan_puts_rows_in_registers_shared_memory_and_global_memory():
     """The MIXED launch of the tests below really uses all three places (spread_plan's mirror)."""
     sizes = nets.layer_sizes(MIXED)
     assert spread_plan.register_layer(sizes, 2) == 0
-    assert spread_plan.block_storage(sizes, 0, 2, MIXED_CAPACITY) == spread_plan.BlockStorage((16, 0, 0), (10, 0, 0),
-                                                                                             (9, 20, 10))
-    assert spread_plan.block_storage(sizes, 1, 2, MIXED_CAPACITY) == spread_plan.BlockStorage((16, 0, 0), (10, 0, 0),
-                                                                                             (9, 20, 0))
+    assert spread_plan.block_storage(sizes, 0, 2, MIXED_CAPACITY) == spread_plan.BlockStorage(
+        (16, 0, 0), (10, 0, 0), (9, 20, 0), (0, 0, 10))
+    assert spread_plan.block_storage(sizes, 1, 2, MIXED_CAPACITY) == spread_plan.BlockStorage(
+        (16, 0, 0), (10, 0, 0), (9, 20, 0), (0, 0, 10))
 
 
-def test_the_kernels_scratch_layout_is_spread_plans():
-    """The kernel sizes its delta array as ceil(n_out / G) rows per hidden layer (the largest of the
-    integer-division ranges) and all of the output layer's, and puts the weights after x, delta
-    and the register reduction: spread_plan.scratch_floats must be that sum, else the weights
-    would overrun the shared memory the launch gives (which no emulator check would see)."""
-    source = (KERNEL_DIR / SOURCE).read_text()
-    assert "max_rows = max(max_rows, l == last ? n_out : (n_out + grid - 1) / grid);" in source
-    assert "shared_memory + max_in + max_rows + SP_WARPS * SP_REG_ROWS;" in source
-    for hidden in (ODD, MIXED, [1000, 500], [2500, 2000, 1500, 1000, 500]):
-        sizes = nets.layer_sizes(hidden)
-        for blocks in (1, 2, 7, 64, 132):
-            kernel_rows = max([sizes[-1]] + [-(-n_out // blocks) for n_out in sizes[1:-1]])
-            assert spread_plan.scratch_floats(sizes, blocks) == max(sizes[:-1]) + kernel_rows + 8 * 16, (hidden, blocks)
 
+def test_grid_barriers_per_image_are_the_ones_the_kernel_passes(data100):
+    """spread_plan.grid_syncs_per_image (2 L - 3: none after the replicated output layer; 2 for one
+    hidden layer) against the emulator's count of a launch's grid barriers: per image, plus the
+    one at the end of the launch."""
+    assert [spread_plan.grid_syncs_per_image(nets.layer_sizes(h)) for h in ([1000, 500], nets.PAPER_NETS[4])] == [3, 9]
+    for hidden, expected in (([37], 2), (MIXED, 3), (ODD, 5)):
+        trainer = spread_trainer(data100, config_for(hidden, 0.5, train_images=20), blocks=3)
+        assert spread_plan.grid_syncs_per_image(trainer.sizes) == expected
+        trainer.begin_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
+        for steps in (1, 4):
+            trainer.launch(steps)
+            assert trainer.kernel.grid_barriers == steps * expected + 1, (hidden, steps)
+
+
+def test_an_output_layer_whose_copy_does_not_fit_shared_memory_is_refused(data100):
+    """841-3000-10 with momentum: W_out, b_out and their velocities (240 KiB) in every block exceed
+    the 227 KiB a block may have; without momentum (120 KiB) the same net is planned."""
+    with pytest.raises(UserError, match=r"^--engine spread: every block keeps a copy of the output layer "
+                                        r"\(10 x 3000 and its velocities, 234\.5 KiB"):
+        spread_trainer(data100, config_for([3000], 0.5, train_images=10), blocks=2)
+    assert spread_trainer(data100, config_for([3000], 0.0, train_images=10), blocks=2).plan.blocks == 2
 
 # ---- one online step against the numpy reference -----------------------------------------------
 
@@ -200,7 +208,8 @@ def train_spread_epoch(data, hidden, block_order="launch", reverse_threads=False
 @pytest.mark.parametrize("hidden, blocks, capacities", [
     (MIXED, 2, (MIXED_CAPACITY, 0, None)),
     (ODD, 5, (0, None)),
-], ids=["mixed-2-blocks", "odd-5-blocks"])
+    ([37], 3, (0, None)),
+], ids=["mixed-2-blocks", "odd-5-blocks", "one-hidden-layer-3-blocks"])
 def test_every_block_order_and_weight_place_gives_the_same_bits(data100, hidden, blocks, capacities):
     """Between grid barriers blocks run in launch, reverse and shuffled order, threads of a block
     last to first on poisoned shared memory, and the weights sit in shared memory, partly in global
@@ -243,12 +252,34 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
     assert first_state_difference(expected, states["planted", "random"]) is not None
 
 
+
+def test_every_blocks_copy_of_the_output_layer_holds_the_same_bits(data100):
+    """Block 0 writes its copy of the output layer back at the end of each launch: written back by
+    any other block instead, in launch and in shuffled block order, over several launches (each
+    starting from the copy written back), the run ends with the same weights and velocities."""
+    source = (KERNEL_DIR / SOURCE).read_text()
+    writer = "    if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits\n"
+    assert source.count(writer) == 1
+    blocks = 3
+    states = []
+    for block in range(blocks):
+        module = planted_module(source.replace(writer, writer.replace("== 0", f"== {block}")), f"writer_{block}")
+        for block_order in ("launch", "random"):
+            trainer = spread_trainer(data100, config_for(ODD, 0.5, train_images=20), blocks=blocks)
+            trainer.kernel = module.get_function(KERNEL)
+            trainer.launch_steps = 7
+            module.block_order, module.block_order_seed = block_order, 11
+            trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
+            states.append(trainer.get_state())
+    for state in states[1:]:
+        assert first_state_difference(states[0], state) is None
+
 def test_a_planted_missing_syncthreads_is_caught_by_reversed_threads(data100):
     """Without the __syncthreads after a layer's input is copied to shared memory, warps read
     inputs other threads have not written yet: with threads run last to first on poisoned shared
     memory the weights differ from the kernel's as it is."""
     source = (KERNEL_DIR / SOURCE).read_text()
-    planted = "                    x_shared[j] = __ldcg(x + j);\n                __syncthreads();\n"
+    planted = "                        s.x[j] = __ldcg(plan[l - 1].y + j);\n                    __syncthreads();\n"
     assert source.count(planted) == 1
     states = []
     for name, text in (("as_is", source), ("missing_syncthreads", source.replace(planted, planted.split("\n")[0] + "\n"))):

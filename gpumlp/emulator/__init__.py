@@ -17,7 +17,8 @@ Checks, set per Module (and changeable between launches):
 Deadlocks and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
 `Kernel.launch_cooperative` runs a cooperative launch: every block resident at once, with
 `cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py),
-under the same checks; its block order applies anew between every two grid barriers. Arrays the
+under the same checks; its block order applies anew between every two grid barriers, and
+`Kernel.grid_barriers` counts the grid barriers the last one passed. Arrays the
 kernel reaches through addresses (not arguments) are named in `indirect`: memcheck requires them
 to be guarded_empty arrays (their guard pages fault wherever the address came from) and
 compare_block_orders restores and compares them like the arguments.
@@ -75,6 +76,8 @@ def _runtime():
         library.gpumlp_guarded_free.argtypes = [ctypes.c_void_p]
         library.gpumlp_guarded_holds.restype = ctypes.c_int
         library.gpumlp_guarded_holds.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        library.gpumlp_grid_barriers.restype = ctypes.c_uint64
+        library.gpumlp_grid_barriers.argtypes = []
         _runtime_library = library
     return _runtime_library
 
@@ -119,6 +122,7 @@ class Kernel:
         self._packer = packer
         self.max_threads_per_block = max_threads_per_block   # as CuPy's RawKernel attribute
         self._max_dynamic_shared = 0
+        self.grid_barriers = 0   # the grid barriers the last cooperative launch passed
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:
@@ -212,6 +216,8 @@ class Kernel:
                                     extents, module.message_buffer, _MESSAGE_BYTES):
             raise EmulatorError(f"kernel '{self.name}' (module {module.name}): "
                                 f"{module.message_buffer.value.decode(errors='replace')}")
+        if cooperative:
+            self.grid_barriers = int(_runtime().gpumlp_grid_barriers())
 
     def _launch_in_every_block_order(self, grid, block, slots: bytes, args, shared_mem: int,
                                      cooperative: bool = False, indirect=()) -> None:

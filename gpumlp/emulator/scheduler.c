@@ -141,7 +141,11 @@ static struct {
     int requested;        // the launch in progress is cooperative
     int active;           // its blocks are running (this_grid().sync() is allowed)
     int parked;           // threads of the running block waiting at the grid barrier
+    unsigned long long grid_barriers;   // grid barriers the launch has passed (gpumlp_grid_barriers)
 } C;
+
+// The grid barriers the last cooperative launch passed: every block released from one counts once.
+extern "C" GPUMLP_EXPORT unsigned long long gpumlp_grid_barriers(void) { return C.grid_barriers; }
 
 static const char *warp_op_name(int kind) {
     static const char *const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
@@ -884,6 +888,7 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     S.failed = 0;
     C.requested = (flags & COOPERATIVE) != 0;
     C.active = C.parked = 0;
+    C.grid_barriers = 0;
     unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
     if (threads == 0 || threads > MAX_THREADS || grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
         snprintf(message, message_size, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u); a block has 1 to %d threads",
@@ -1063,6 +1068,7 @@ static int release_grid_barrier(int blocks, int threads) {
         return 0;
     }
     for (size_t i = 0; i < (size_t)blocks * threads; ++i) CS.fibers[i].state = RUNNABLE;
+    ++C.grid_barriers;
     return 1;
 }
 
