@@ -107,9 +107,12 @@ __device__ __forceinline__ int first_row(int n_out, int block, int blocks)
     return (int)((long long)block * n_out / blocks);
 }
 
+// Whether `block` owns rows of a hidden layer of n_out rows (first_row's ranges). With n_out >=
+// blocks every block does; else the products are below blocks^2 and 32-bit arithmetic is exact
+// (no 64-bit division in the loops that call it).
 __device__ __forceinline__ bool owns_rows(int n_out, int block, int blocks)
 {
-    return first_row(n_out, block + 1, blocks) > first_row(n_out, block, blocks);
+    return n_out >= blocks || (block + 1) * n_out / blocks > block * n_out / blocks;
 }
 
 // Row r of the block's rows (r >= register_rows): in shared memory or in W.
@@ -254,6 +257,65 @@ __device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_
     }
 }
 
+// The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out), then the deltas
+// of the block's rows of the top hidden layer (top) into s.delta. One pass of loads: y_{L-2} (the
+// logits' input, f' and the output step's input) into s.x, and when the block owns top rows their
+// step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
+// the next image (next_image, or none) into s.image. Every thread calls it; only block 0 adds the
+// loss and the error to the totals and writes the logits to out.y.
+__device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
+                                             const float* x, const float* next_image, int label, float lr,
+                                             float momentum, bool use_momentum, double* loss_total,
+                                             int* wrong_total)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
+        s.x[j] = __ldcg(top.y + j);
+    if (top.rows > 0) {
+        for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
+            s.exchange[j] = __ldcg(x + j);
+        if (next_image != nullptr)   // top is layer 0: top.n_in = sizes[0]
+            for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
+                s.image[j] = __ldcg(next_image + j);
+    }
+    __syncthreads();
+    for (int c = warp; c < out.n_out; c += SP_WARPS) {
+        const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
+        if (lane == 0)
+            s.logits[c] = logit;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const SoftmaxXent result = softmax_xent_row(s.logits, label, out.n_out, s.delta_out);
+        if (blockIdx.x == 0 && lane == 0) {
+            loss_total[0] = loss_total[0] + (double)result.loss;
+            wrong_total[0] += result.prediction != label;
+        }
+    }
+    __syncthreads();
+    if (blockIdx.x == 0)
+        for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+            out.y[c] = s.logits[c];
+    // delta of row i of the top layer: one chain over the classes of the OLD output weights
+    for (int r = threadIdx.x; r < top.rows; r += blockDim.x) {
+        const int i = top.row_begin + r;
+        float sum = 0.0f;
+        for (int c = 0; c < out.n_out; ++c)
+            sum = fmaf(s.W_out[(size_t)c * out.n_in + i], s.delta_out[c], sum);
+        s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.x[i]));
+    }
+    __syncthreads();
+    // the output layer's step, the same operations in every block (the top layer's step follows
+    // without a barrier: it reads neither s.x nor the copy)
+    for (int e = threadIdx.x; e < out.n_out * out.n_in; e += blockDim.x) {
+        const int c = e / out.n_in, j = e - c * out.n_in;
+        sgd_step(s.W_out + e, s.vW_out + e, __fmul_rn(lr, __fmul_rn(s.delta_out[c], s.x[j])), momentum,
+                 use_momentum);
+    }
+    for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
+        sgd_step(s.b_out + c, s.vb_out + c, __fmul_rn(lr, s.delta_out[c]), momentum, use_momentum);
+}
+
 // train_online_spread: `steps` online SGD steps on images order[cursor ...], one after another.
 //   layers (n_layers, 5) device addresses of W_l (n_out, n_in), b_l (n_out,), vW_l, vb_l (the
 //     velocities; used only when momentum != 0) and y_l (n_out,) the activations;
@@ -284,6 +346,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     __shared__ SpreadLayer plan[SP_MAX_LAYERS];
     __shared__ SpreadScratch s;
     __shared__ int start;
+    __shared__ struct {
+        int sample, label, next;
+    } image_sample;
 
     const int grid = (int)gridDim.x, last = n_layers - 1;
     if (threadIdx.x == 0) {
@@ -373,19 +438,23 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
     const float lr = hyper[0], momentum = hyper[1];
     const bool use_momentum = momentum != 0.0f;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const SpreadLayer& out = plan[last];
-    const SpreadLayer& top = plan[last - 1];   // the last hidden layer
     __syncthreads();
 
     for (int step = 0; step < steps; ++step) {
         const int position = start + step;
         if (position < 0 || position >= n_samples)
             break;   // the same for every block: the trainer never asks for it
-        const int sample = order[position], label = labels[sample];
-        const float* image = images + (size_t)sample * sizes[0];
-        const bool has_next = step + 1 < steps && position + 1 < n_samples;
-        const float* next_image = has_next ? images + (size_t)order[position + 1] * sizes[0] : nullptr;
+        // The image's sample and label and the next image of the launch (prefetched in layer 0's
+        // backward pass; -1: none), in shared memory rather than in registers across the forward
+        // pass; read after its first grid barrier. The previous image's last reads of them come
+        // before the __syncthreads or grid barrier that ends its backward pass.
+        if (threadIdx.x == 0) {
+            image_sample.sample = order[position];
+            image_sample.label = labels[image_sample.sample];
+            image_sample.next = step + 1 < steps && position + 1 < n_samples ? order[position + 1] : -1;
+        }
         if (step == 0 && plan[0].rows > 0) {   // later images were prefetched by the previous one
+            const float* image = images + (size_t)order[position] * sizes[0];
             for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                 s.image[j] = __ldcg(image + j);
             __syncthreads();
@@ -415,66 +484,20 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             grid_sync(barrier);
         }
 
-        // ---- the output layer, in every block on its own copy, then the top hidden layer's
-        // backward pass. One pass of loads: y_{L-2} (the logits' input, f' and the output step's
-        // input) and the top layer's input (y_{L-3}, or the image; then also the next image).
-        for (int j = threadIdx.x; j < out.n_in; j += blockDim.x)
-            s.x[j] = __ldcg(top.y + j);
-        if (top.rows > 0) {
-            const float* below = last >= 2 ? plan[last - 2].y : image;
-            for (int j = threadIdx.x; j < top.n_in; j += blockDim.x)
-                s.exchange[j] = __ldcg(below + j);
-            if (last == 1 && has_next)
-                for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
-                    s.image[j] = __ldcg(next_image + j);
-        }
-        __syncthreads();
-        for (int c = warp; c < out.n_out; c += SP_WARPS) {
-            const float logit = row_forward(s.W_out + (size_t)c * out.n_in, s.x, out.n_in, s.b_out[c], false);
-            if (lane == 0)
-                s.logits[c] = logit;
-        }
-        __syncthreads();
-        if (warp == 0) {
-            const SoftmaxXent result = softmax_xent_row(s.logits, label, out.n_out, s.delta_out);
-            if (blockIdx.x == 0 && lane == 0) {
-                loss_total[0] = loss_total[0] + (double)result.loss;
-                wrong_total[0] += result.prediction != label;
-            }
-        }
-        __syncthreads();
-        if (blockIdx.x == 0)
-            for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
-                out.y[c] = s.logits[c];
-        // delta of row i of the top layer: one chain over the classes of the OLD output weights
-        for (int r = threadIdx.x; r < top.rows; r += blockDim.x) {
-            const int i = top.row_begin + r;
-            float sum = 0.0f;
-            for (int c = 0; c < out.n_out; ++c)
-                sum = fmaf(s.W_out[(size_t)c * out.n_in + i], s.delta_out[c], sum);
-            s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.x[i]));
-        }
-        __syncthreads();
-        // the output layer's step (the same operations in every block) beside the top layer's
-        for (int e = threadIdx.x; e < out.n_out * out.n_in; e += blockDim.x) {
-            const int c = e / out.n_in, j = e - c * out.n_in;
-            sgd_step(s.W_out + e, s.vW_out + e, __fmul_rn(lr, __fmul_rn(s.delta_out[c], s.x[j])), momentum,
-                     use_momentum);
-        }
-        for (int c = threadIdx.x; c < out.n_out; c += blockDim.x)
-            sgd_step(s.b_out + c, s.vb_out + c, __fmul_rn(lr, s.delta_out[c]), momentum, use_momentum);
-        if (top.rows > 0)
-            hidden_update(wreg, top, last - 1 == register_layer, last >= 2, s.exchange, s.delta, lr, momentum,
-                          use_momentum);
-        // L >= 3: the partials of the top layer are read by the owners of the layer below; L = 2:
-        // every block has read y_0 before the next image's forward pass rewrites it
-        grid_sync(barrier);
-
-        // ---- backward and update of the other hidden layers, top first
-        for (int l = last - 2; l >= 0; --l) {
+        // ---- backward and update of the hidden layers, top first; the top layer's deltas come
+        // from the output layer, which every block does on its copy first
+        for (int l = last - 1; l >= 0; --l) {
             const SpreadLayer& p = plan[l];
-            const SpreadLayer& above = plan[l + 1];
-            if (p.rows > 0) {
+            const bool top = l == last - 1;
+            // the step's input: y_{l-1} or the image, loaded into s.exchange (top) or s.x
+            const int next = image_sample.next;
+            const float* x = l ? plan[l - 1].y : images + (size_t)image_sample.sample * sizes[0];
+            const float* next_image = l == 0 && next >= 0 ? images + (size_t)next * sizes[0] : nullptr;
+            if (top) {
+                output_layer(plan[last], p, s, x, next_image, image_sample.label, lr, momentum, use_momentum,
+                             loss_total, wrong_total);
+            } else if (p.rows > 0) {
+                const SpreadLayer& above = plan[l + 1];
                 // One pass of loads: the owners' partials of the block's rows (owner b' at row
                 // b' (rows | 1), consecutive threads on consecutive addresses), the rows' y (into
                 // delta), the step's input x and, below layer 0, the next image.
@@ -487,10 +510,9 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                 }
                 for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
                     s.delta[r] = __ldcg(p.y + p.row_begin + r);
-                const float* x = l ? plan[l - 1].y : image;
                 for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
                     s.x[j] = __ldcg(x + j);
-                if (l == 0 && has_next)
+                if (next_image != nullptr)
                     for (int j = threadIdx.x; j < sizes[0]; j += blockDim.x)
                         s.image[j] = __ldcg(next_image + j);
                 __syncthreads();
@@ -508,19 +530,23 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
                         s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.delta[r]));
                 }
                 __syncthreads();
-                hidden_update(wreg, p, l == register_layer, l > 0, s.x, s.delta, lr, momentum, use_momentum);
             }
-            if (l > 0)
-                grid_sync(barrier);   // the partials of layer l are read by the owners of layer l - 1
+            if (p.rows > 0)
+                hidden_update(wreg, p, l == register_layer, l > 0, top ? s.exchange : s.x, s.delta, lr, momentum,
+                              use_momentum);
+            // the partials of layer l are read by the owners of layer l - 1; a net of one hidden
+            // layer (top, l = 0): every block has read y_0 before the next image rewrites it
+            if (l > 0 || top)
+                grid_sync(barrier);
             else
-                __syncthreads();      // the next image's forward pass reads the rows just stepped
+                __syncthreads();   // the next image's forward pass reads the rows just stepped
         }
     }
 
     grid_sync(barrier);   // every block has read the cursor and the output layer, and finished
     copy_shared_rows(plan, last, false);
     if (blockIdx.x == 0)   // every block's copy of the output layer holds the same bits
-        copy_output_layer(out, s, output_velocities, false);
+        copy_output_layer(plan[last], s, output_velocities, false);
 #pragma unroll
     for (int r = 0; r < SP_REG_ROWS; ++r)
 #pragma unroll

@@ -1,6 +1,7 @@
 """The spread online engine (`--engine spread`): one cooperative launch of cuda_kernels/mlp_spread.cu
 trains a chunk of consecutive images, every hidden layer's rows spread over the whole grid and kept
-in registers, shared memory or L2 (gpumlp/spread_plan.py; the kernel's header describes the design).
+in registers, shared memory or L2, the output layer replicated in every block's shared memory
+(gpumlp/spread_plan.py; the kernel's header describes the design).
 
 It sums in another order than the graph and persistent engines, so its weights are not theirs bit
 for bit: tests/test_spread.py holds it to the numpy reference within the sum-length bounds of
