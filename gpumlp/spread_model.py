@@ -11,7 +11,9 @@ grid barriers; it lasts as long as its slowest block, so every block's phase is 
 (engine_model.phase_cost) and the slowest kept. The phases of an image, as cuda_kernels/mlp_spread.cu
 runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.grid_syncs_per_image):
 - forward l, every hidden layer: x = y_{l-1} (n_in) from L2 into shared memory (layer 0: the image,
-  prefetched into shared memory by the previous image, so no load); the register rows by thread per
+  prefetched into shared memory by the previous image, so no load; but thread 0 first reads the
+  image's sample from the epoch order, then its label, into shared memory: two L2 waits in a row
+  for warp 0 before its rows); the register rows by thread per
   column (x read once) and a block reduction through shared memory, then their biases read and y
   written; the other rows warp per row (W row from shared memory or L2, x from shared memory, the
   bias and y a sector each); a grid barrier;
@@ -34,7 +36,8 @@ runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.gri
 Shared-memory traffic is counted in wavefronts of 128 bytes (the SM's bandwidth per clock): a
 warp's access moves 128 bytes, a broadcast or one-lane access costs the same clock.
 L2 round trips: the global reads a block's phase waits for after a barrier, as the kernel orders
-them: the phase's load pass (none in forward 0 of a launch's later images); the register tile's
+them: the phase's load pass (none in forward 0 of a launch's later images: the image is prefetched;
+there thread 0's read of the sample and then of its label instead); the register tile's
 biases, read after its reduction's block barrier; the rows of the layer in global memory, read
 after x's block barrier; in the output phase block 0's read of the loss and error totals; in every
 update the biases (and their velocities), read after the column walk. The first image of a launch
@@ -56,11 +59,12 @@ from gpumlp.spread_plan import (REGISTER_COLUMNS, REGISTER_ROWS, THREADS, block_
 from gpumlp.train_spread import KERNEL, SOURCE, plan_launch, storage_line
 
 WARPS = THREADS // 32
-NOT_COUNTED = ("latency within a phase beyond its L2 round trips: the kernel's column walk (memory_column_update) "
-               "is still latency-bound, issuing each row's load (the weight, and with momentum its velocity "
-               "from L2) only after the previous row's store and re-reading the layer plan from shared "
-               "memory for every row; each image's order and label reads; the issue slots of the multiplies "
-               "and subtractions beside the FMAs; the shared memory's fill and write-back once per launch")
+NOT_COUNTED = ("latency within a phase beyond its L2 round trips: the update's column walk (hidden_update, "
+               "memory_column_update) is still latency-bound in this kernel: each row's load (the weight; with "
+               "momentum also its velocity, from L2) is issued only after the previous row's store, and the "
+               "layer plan is re-read from shared memory for every row; "
+               "the issue slots of the multiplies and subtractions beside the FMAs; the shared memory's fill "
+               "and write-back once per launch")
 WAVEFRONT = 128     # bytes: one shared-memory access of a warp, one clock of the SM's shared memory
 SECTOR = 32         # bytes: the unit L2 sends; a lone 4-byte load costs one
 
@@ -73,6 +77,7 @@ class SpreadPhase:
     register_bytes: int     # weight bytes the slowest block reads and writes in its register tile
     partial_tile_bytes: int  # of the slowest block's global bytes: its partial tile's sectors
     round_trips: int
+    walk_waits: int          # the most serial L2 waits of any block's column walk (not in the cost)
 
 
 @dataclass
@@ -86,6 +91,7 @@ class _BlockWork:
     partial_tile_bytes: int = 0   # of exchange_bytes: the partial tile
     flops: int = 0
     round_trips: int = 0
+    walk_waits: int = 0   # serial L2 waits of a thread's column walk: not in the cost (NOT_COUNTED)
 
 
 def _warp_accesses(n: int) -> int:
@@ -116,8 +122,9 @@ def _forward(sizes, l, storage, rows, first_image) -> _BlockWork:
     reg, shared, global_ = storage.register_rows[l], storage.shared_rows[l], storage.global_rows[l]
     memory_rows = shared + global_
     loads_x = l > 0 or first_image   # layer 0 reads the image the previous image prefetched
+    sample = 2 if l == 0 else 0      # thread 0: the sample from the order, then its label
     work = _BlockWork(rows, register_bytes=F32 * reg * n_in, flops=2 * rows * n_in,
-                      round_trips=int(loads_x) + int(reg > 0) + int(global_ > 0))
+                      round_trips=sample + int(loads_x) + int(reg > 0) + int(global_ > 0))
     work.shared_bytes = WAVEFRONT * _warp_accesses(n_in) if loads_x else 0               # x stored
     if reg:   # x read once by thread per column, then the 8 warps' sums of each row
         work.shared_bytes += WAVEFRONT * (_warp_accesses(n_in) + WARPS * REGISTER_ROWS + WARPS)
@@ -125,6 +132,7 @@ def _forward(sizes, l, storage, rows, first_image) -> _BlockWork:
     # a register row's bias and y are read and written by consecutive threads, a memory row's by
     # one lane of its warp (a sector each)
     work.exchange_bytes = F32 * n_in * loads_x + F32 * reg + SECTOR * memory_rows          # x read, y written
+    work.exchange_bytes += SECTOR * sample                                                 # order, label
     work.resident_bytes = F32 * reg + SECTOR * memory_rows + F32 * global_ * n_in          # biases, W rows
     return work
 
@@ -141,6 +149,9 @@ def _update(work, sizes, l, storage, rows, write_partial, momentum) -> None:
     work.resident_bytes += 2 * F32 * global_ * n_in + 2 * F32 * rows + velocities        # W rows, biases
     work.flops += (2 + (5 if momentum else 3)) * rows * n_in + (5 if momentum else 3) * rows
     work.round_trips += 1 if rows else 0   # the biases, read after the column walk
+    # a thread's columns, each down the rows: a row in W (and with momentum every row's velocity)
+    # is an L2 load issued after the previous row's store
+    work.walk_waits += -(-n_in // THREADS) * (global_ + (rows if momentum else 0))
 
 
 def _output(sizes, storage, rows, block, momentum) -> _BlockWork:
@@ -161,8 +172,9 @@ def _output(sizes, storage, rows, block, momentum) -> _BlockWork:
     # the top layer's deltas, thread per row: W_out[c][i] and delta_out[c] for every class, y, delta
     work.shared_bytes += WAVEFRONT * _warp_accesses(rows) * (2 * n_classes + 2)
     # the copy's step: W_out (and vW_out) read and written, x and delta_out read; then b_out
-    per_value = 4 + (2 if momentum else 0)
-    work.shared_bytes += WAVEFRONT * per_value * (_warp_accesses(n_classes * n_in) + _warp_accesses(n_classes))
+    velocity = 2 if momentum else 0
+    work.shared_bytes += WAVEFRONT * ((4 + velocity) * _warp_accesses(n_classes * n_in)
+                                      + (3 + velocity) * _warp_accesses(n_classes))
     work.flops = (2 * n_in + 5) * n_classes + 2 * n_classes * rows + (5 if momentum else 3) * n_classes * (n_in + 1)
     _update(work, sizes, len(sizes) - 3, storage, rows, not one_hidden, momentum)
     return work
@@ -240,7 +252,8 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
                                bandwidth, device, w.round_trips) for b, w in works.items()}
         slowest = max(costs, key=lambda b: costs[b].seconds)
         w = works[slowest]
-        return SpreadPhase(costs[slowest], slowest, len(works), w.register_bytes, w.partial_tile_bytes, w.round_trips)
+        return SpreadPhase(costs[slowest], slowest, len(works), w.register_bytes, w.partial_tile_bytes, w.round_trips,
+                           max(v.walk_waits for v in works.values()))
 
     def rows_of(l, b):
         begin, end = block_rows(sizes, l, b, grid)
@@ -290,6 +303,7 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
         "round_trip_seconds": round_trips, "compute_seconds": compute,
         "per_image_seconds": compute + parts["grid barriers"], "phases": phases, "parts": parts,
         "first_image_phase": first_image,
+        "walk_wait_seconds": sum(p.walk_waits for p in phases) * device.l2_round_trip_seconds,
         "first_image_extra_seconds": first_image.cost.seconds - phases[0].cost.seconds,
         "bound": max(parts, key=parts.get), "slowest_phase": f"{slowest.cost.name} ({slowest.cost.bound})",
     }
@@ -365,14 +379,18 @@ def render(m: dict) -> str:
         f"| {m['first_image_extra_seconds'] * 1e6:.2f} us |",
         "",
         "| phase | blocks | slowest block | its rows | its register bytes | its shared bytes | its L2/HBM bytes "
-        "| of which partial tile | its FLOPs | L2 round trips | us | bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| of which partial tile | its FLOPs | L2 round trips | us | bound | column walk's serial L2 waits "
+        "(not counted) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     lines += [f"| {p.cost.name} | {p.blocks} | {p.block} | {p.cost.rows} | {p.register_bytes:,} "
               f"| {p.cost.shared_bytes:,} | {p.cost.global_bytes:,} | {p.partial_tile_bytes:,} | {p.cost.flops:,} "
-              f"| {p.round_trips} | {p.cost.seconds * 1e6:.2f} | {p.cost.bound} |"
+              f"| {p.round_trips} | {p.cost.seconds * 1e6:.2f} | {p.cost.bound} | {p.walk_waits} |"
               for p in m["phases"]]
     parts = "; ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in m["parts"].items())
     lines += ["", *closing_lines(per_image, f"{m['bound']} ({parts}; slowest phase {m['slowest_phase']})"),
-              f"not counted: {NOT_COUNTED}"]
+              f"L2 round trips here: the waits on L2 of each phase's slowest block, as counted in the table "
+              f"(not one per phase)",
+              f"not counted: {NOT_COUNTED}; the column walks' serial L2 waits alone (the table's last column, "
+              f"most of any block in each phase) would add {m['walk_wait_seconds'] * 1e6:.1f} us if nothing hid them"]
     return "\n".join(lines)
