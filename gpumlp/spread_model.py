@@ -13,9 +13,8 @@ runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.gri
 - forward l, every hidden layer: x = y_{l-1} (n_in) from L2 into shared memory (layer 0: the image,
   prefetched into shared memory by the previous image, so no load; but thread 0 first reads the
   image's sample from the epoch order, then its label, into shared memory: two L2 waits in a row
-  for warp 0 before its rows); the register rows by thread per
-  column (x read once) and a block reduction through shared memory, then their biases read and y
-  written; the other rows warp per row (W row from shared memory or L2, x from shared memory, the
+  for warp 0 before its rows); the register rows by thread per column (x read once) and a block
+  reduction through shared memory, then their biases read and y written; the other rows warp per row (W row from shared memory or L2, x from shared memory, the
   bias and y a sector each); a grid barrier;
 - output (forward L-1 + softmax + backward L-1 + backward L-2), in every block on its own copy of
   the output layer: one pass of loads (y_{L-2}, and the top hidden layer's input y_{L-3}, or for
@@ -43,6 +42,9 @@ after x's block barrier; in the output phase block 0's read of the loss and erro
 update the biases (and their velocities), read after the column walk. The first image of a launch
 loads its image in forward 0: one more round trip, printed apart. The loads and stores of the shared
 memory fill and write-back at the start and end of a launch are spread over its images and left out.
+The update's column walk issues each row's load after the previous row's store (NOT_COUNTED): its
+serial L2 waits (rows in global memory; with momentum every row's velocity) are counted apart and
+printed beside the figure, not in it.
 """
 from __future__ import annotations
 
