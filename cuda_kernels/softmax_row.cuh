@@ -71,10 +71,11 @@ __device__ __forceinline__ SoftmaxXent softmax_xent_row(const float* logits, int
     return result;
 }
 
-// softmax_xent of train_step.cu for ONE row, by one warp, for the cooperative kernels
-// (mlp_persistent.cu, mlp_spread.cu): delta[c] = softmax - onehot(label) into shared memory
-// (softmax_xent_row), and (lane 0) the loss and the error added to the epoch totals as finish_step
-// adds them. logits (n_classes,) in global memory, written by the calling block.
+// softmax_xent of train_step.cu for ONE row, by one warp, for mlp_persistent.cu: delta[c] =
+// softmax - onehot(label) into shared memory (softmax_xent_row), and (lane 0) the loss and the
+// error added to the epoch totals as finish_step adds them. logits (n_classes,) in global memory,
+// written by the calling block. (mlp_spread.cu calls softmax_xent_row in every block and adds to
+// the totals in block 0 only.)
 __device__ __forceinline__ void softmax_row(const float* logits, int label, int n_classes, float* delta,
                                             double* loss_total, int* wrong_total)
 {

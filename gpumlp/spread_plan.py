@@ -26,7 +26,7 @@ THREADS = 256            # SP_THREADS
 REGISTER_ROWS = 16       # SP_REG_ROWS
 REGISTER_COLUMNS = 10    # SP_REG_COLS: the tile covers n_in <= THREADS * REGISTER_COLUMNS = 2560
 MAX_LAYERS = 12          # SP_MAX_LAYERS
-MAX_CLASSES = 32         # the output layer's rows
+MAX_CLASSES = 32         # the largest output layer the engine accepts (every block keeps a copy)
 
 
 def block_rows(sizes, layer: int, block: int, blocks: int) -> tuple[int, int]:

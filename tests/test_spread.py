@@ -51,7 +51,6 @@ def test_the_plan_puts_rows_in_registers_shared_memory_and_global_memory():
         (16, 0, 0), (10, 0, 0), (9, 20, 0), (0, 0, 10))
 
 
-
 def test_grid_barriers_per_image_are_the_ones_the_kernel_passes(data100):
     """spread_plan.grid_syncs_per_image (2 L - 3: none after the replicated output layer; 2 for one
     hidden layer) against the emulator's count of a launch's grid barriers: per image, plus the
@@ -73,6 +72,33 @@ def test_an_output_layer_whose_copy_does_not_fit_shared_memory_is_refused(data10
                                         r"\(10 x 3000 and its velocities, 234\.5 KiB"):
         spread_trainer(data100, config_for([3000], 0.5, train_images=10), blocks=2)
     assert spread_trainer(data100, config_for([3000], 0.0, train_images=10), blocks=2).plan.blocks == 2
+
+
+def test_the_kernels_scratch_layout_is_spread_plans():
+    """The kernel lays its scratch out as x (max n_in), the prefetched image (n_in of layer 0),
+    delta (ceil(n_out / G) rows of a hidden layer: the largest of the integer-division ranges), the
+    register reduction, the exchange buffer (the partial tile (G, ceil(n_out / G) | 1) of every
+    hidden layer but the top one, or the top one's input), logits and delta_out, and the output
+    layer's copy (with its velocities under momentum), the weights after it: spread_plan.
+    scratch_floats must be that sum, else the weights would overrun the shared memory the launch
+    gives (which no emulator check would see)."""
+    source = (KERNEL_DIR / SOURCE).read_text()
+    for line in ("int max_in = 0, max_rows = 0, exchange = sizes[last - 1];",
+                 "const int rows = (sizes[l + 1] + grid - 1) / grid;",
+                 "exchange = max(exchange, grid * (rows | 1));",
+                 "next += output_velocities ? n_classes * out_in : 0;",
+                 "next += output_velocities ? n_classes : 0;\n        float* weights = next;"):
+        assert line in source, line
+    for hidden in ([37], ODD, MIXED, [1000, 500], [2500, 2000, 1500, 1000, 500]):
+        sizes = nets.layer_sizes(hidden)
+        for blocks in (1, 2, 7, 64, 132):
+            rows = [-(-n_out // blocks) for n_out in sizes[1:-1]]   # of each hidden layer
+            exchange = max([sizes[-3]] + [blocks * (r | 1) for r in rows[:-1]])
+            for momentum in (False, True):
+                copy = (2 if momentum else 1) * sizes[-1] * (sizes[-2] + 1)
+                expected = max(sizes[:-1]) + sizes[0] + max(rows) + 8 * 16 + exchange + 2 * sizes[-1] + copy
+                assert spread_plan.scratch_floats(sizes, blocks, momentum) == expected, (hidden, blocks, momentum)
+
 
 # ---- one online step against the numpy reference -----------------------------------------------
 
