@@ -36,9 +36,11 @@
 // i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
 // after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
 // backward pass (below): 2.
-// Every backward phase waits on L2 once: its loads (the partial segments, its rows' y, the step's
-// input x, and in layer 0's phase the next image) are issued in one pass before one __syncthreads;
-// the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
+// Every backward phase waits on L2 once for its inputs: its loads (the partial segments, its rows'
+// y, the step's input x, and in layer 0's phase the next image) are issued in one pass before one
+// __syncthreads; the output phase loads y_{L-2} and layer L-2's input in one pass in the same way.
+// (Weights kept in global memory, hidden velocities and biases are read where they live, in the
+// step.)
 // Why no barrier between images: every buffer another block reads is rewritten only after a grid
 // barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
 // phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
