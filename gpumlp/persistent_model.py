@@ -4,8 +4,8 @@ the kernel's resources and occupancy, and the expected time per image with what 
 
 Nothing here has been measured on a GPU. The kernel's registers and static shared memory come from
 NVRTC (the compile gate); the launch plan is train_persistent's; the device figures are data-sheet
-numbers of an H100 SXM plus the assumptions named in ASSUMED (shared-memory and L2 bandwidth, the
-cost of one grid barrier, one L2 round trip per phase).
+numbers of an H100 SXM plus the assumptions named in engine_model.ASSUMED (shared-memory and L2
+bandwidth, the cost of one grid barrier, one L2 round trip per phase).
 
 The step is a sequence of phases separated by grid barriers (forward of each layer, backward of
 each layer), and a phase lasts as long as its busiest block: the one that owns the most chunks of
@@ -16,64 +16,12 @@ wrote).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from gpumlp import compile_gate, nets
 from gpumlp.device import KERNEL_DIR
-from gpumlp.gpu_limits import H100, arch_limits, theoretical_occupancy
+from gpumlp.engine_model import F32, H100_SXM, ModelDevice, closing_lines, global_share, mb, phase_cost
+from gpumlp.gpu_limits import arch_limits, theoretical_occupancy
 from gpumlp.train_persistent import (CHUNK_ROWS, KERNEL, PERSISTENT_THREADS, SOURCE, grid_syncs_per_image,
                                      layer_chunks, owned_weights, unsupported_reason)
-
-F32 = 4
-MNIST_TRAIN_IMAGES = 60_000
-EPOCHS = 800
-
-
-@dataclass(frozen=True)
-class ModelDevice:
-    name: str
-    sms: int
-    clock_hz: float              # from the FP32 peak: SMs x 128 lanes x 2 FLOPs x clock
-    hbm_bandwidth: float         # bytes/s
-    l2_bytes: int
-    l2_bandwidth: float          # bytes/s, whole chip (assumed)
-    l2_bandwidth_per_sm: float   # bytes/s one SM can draw from L2 (assumed)
-    shared_bandwidth_per_sm: float
-    grid_sync_seconds: float     # one grid-wide barrier (assumed)
-    l2_round_trip_seconds: float
-
-
-H100_SXM = ModelDevice(
-    name="H100 SXM", sms=132, clock_hz=H100.fp32 / (132 * 128 * 2), hbm_bandwidth=H100.bandwidth,
-    l2_bytes=50 * 2**20, l2_bandwidth=5.5e12, l2_bandwidth_per_sm=64 * H100.fp32 / (132 * 128 * 2),
-    shared_bandwidth_per_sm=128 * H100.fp32 / (132 * 128 * 2), grid_sync_seconds=1e-6,
-    l2_round_trip_seconds=0.3e-6)
-
-ASSUMED = ("L2 bandwidth 5.5 TB/s for the chip and 64 B/clock per SM; shared memory 128 B/clock per SM; "
-           "one grid barrier 1 us; one L2 round trip (0.3 us) at the start of every phase; "
-           "weights that fit in L2 stay there")
-
-
-@dataclass
-class Phase:
-    name: str
-    rows: int            # rows the busiest block owns in this layer
-    shared_bytes: int    # its shared-memory traffic
-    global_bytes: int    # its L2 / HBM traffic
-    flops: int
-    seconds: float
-    bound: str
-
-
-def _phase(name, rows, shared_bytes, global_bytes, flops, global_bandwidth, device: ModelDevice) -> Phase:
-    times = {"shared memory": shared_bytes / device.shared_bandwidth_per_sm,
-             "L2/HBM bandwidth": global_bytes / global_bandwidth,
-             "FP32": flops / (128 * 2 * device.clock_hz)}
-    bound = max(times, key=times.get)
-    if times[bound] < device.l2_round_trip_seconds:
-        bound = "latency"
-    return Phase(name, rows, shared_bytes, global_bytes, flops,
-                 max(times.values()) + device.l2_round_trip_seconds, bound)
 
 
 def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevice = H100_SXM) -> dict:
@@ -98,28 +46,23 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     weight_bytes = F32 * weights * (2 if momentum else 1)   # with momentum the velocities too
     weights_home = "shared memory" if in_shared else ("L2" if weight_bytes <= device.l2_bytes else "HBM")
 
-    def global_bandwidth(owners: int) -> float:
-        """A block's share of L2 (or HBM) when `owners` blocks, on as many SMs, work in a phase."""
-        share = min(device.l2_bandwidth / owners, device.l2_bandwidth_per_sm)
-        return share if weights_home != "HBM" else min(device.hbm_bandwidth / owners, share)
-
     phases, on_chip, l2, hbm = [], 0, 0, F32 * sizes[0]   # the image comes from HBM
     layers = list(zip(sizes[:-1], sizes[1:], chunks))
     for l, (n_in, n_out, layer_chunk_count) in enumerate(layers):
         rows = min(n_out, -(-layer_chunk_count // grid) * CHUNK_ROWS)
-        bandwidth = global_bandwidth(min(grid, layer_chunk_count, device.sms))
+        bandwidth = global_share(device, min(grid, layer_chunk_count, device.sms), weights_home == "HBM")
         w = rows * n_in
         velocity = 2 * F32 * w if momentum else 0
         # forward: W and (per warp) x from shared memory, or W from L2/HBM; x once into shared
         shared = F32 * w * (2 if in_shared else 1)
         global_ = F32 * n_in + (0 if in_shared else F32 * w)
-        phases.append(_phase(f"forward {l}", rows, shared, global_, 2 * w, bandwidth, device))
+        phases.append(phase_cost(f"forward {l}", rows, shared, global_, 2 * w, bandwidth, device))
         # backward: W read and written, x per column, the partials written, the layer above's read
         above = chunks[l + 1] if l + 1 < len(chunks) else 0
         shared = 2 * F32 * w if in_shared else 0
         global_ = (F32 * n_in * -(-rows // CHUNK_ROWS) + (F32 * n_in * -(-rows // CHUNK_ROWS) if l else 0)
                    + F32 * above * rows + velocity + (0 if in_shared else 2 * F32 * w))
-        phases.append(_phase(f"backward {l}", rows, shared, global_, (6 if momentum else 5) * w,
+        phases.append(phase_cost(f"backward {l}", rows, shared, global_, (6 if momentum else 5) * w,
                              bandwidth, device))
     # bytes of the whole grid per image
     for l, (n_in, n_out, layer_chunk_count) in enumerate(layers):
@@ -154,13 +97,8 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     }
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.3f} MB"
-
-
 def render(m: dict) -> str:
     per_image = m["per_image_seconds"]
-    epoch = per_image * MNIST_TRAIN_IMAGES
     lines = [
         f"persistent engine model (nothing measured): net {m['net']} ({m['weights']:,} weights), online"
         f"{' with momentum' if m['momentum'] else ''}, {m['arch']} on an {m['device']}",
@@ -172,9 +110,9 @@ def render(m: dict) -> str:
         "",
         "| per image | value |",
         "|---|---:|",
-        f"| bytes from on-chip shared memory | {_mb(m['bytes_on_chip'])} |",
-        f"| bytes from L2 | {_mb(m['bytes_l2'])} |",
-        f"| bytes from HBM | {_mb(m['bytes_hbm'])} |",
+        f"| bytes from on-chip shared memory | {mb(m['bytes_on_chip'])} |",
+        f"| bytes from L2 | {mb(m['bytes_l2'])} |",
+        f"| bytes from HBM | {mb(m['bytes_hbm'])} |",
         f"| grid-wide syncs | {m['grid_syncs']} ({m['sync_seconds'] * 1e6:.1f} us) |",
         f"| phases (busiest block) | {m['compute_seconds'] * 1e6:.1f} us |",
         f"| expected time | {per_image * 1e6:.1f} us |",
@@ -184,10 +122,5 @@ def render(m: dict) -> str:
     ]
     lines += [f"| {p.name} | {p.rows} | {p.shared_bytes:,} | {p.global_bytes:,} | {p.seconds * 1e6:.2f} | {p.bound} |"
               for p in m["phases"]]
-    lines += [
-        "",
-        f"expected: {per_image * 1e6:.1f} us per image, bound by {m['bound']}; "
-        f"{epoch:.2f} s per epoch of {MNIST_TRAIN_IMAGES:,} images, {epoch * EPOCHS / 60:,.0f} min for {EPOCHS} epochs",
-        f"assumed: {ASSUMED}",
-    ]
+    lines += ["", *closing_lines(per_image, m["bound"])]
     return "\n".join(lines)

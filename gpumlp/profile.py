@@ -553,12 +553,29 @@ def paper_table() -> str:
     return "\n".join(lines)
 
 
+def engine_model_report(engine: str, sizes, arch: str, momentum: bool) -> str:
+    """The model of a one-kernel engine; the spread engine's ends with the persistent one's time."""
+    from gpumlp import persistent_model, spread_model
+    if engine == "persistent":
+        return persistent_model.render(persistent_model.model(sizes, arch, momentum))
+    spread = spread_model.model(sizes, arch, momentum)
+    try:
+        persistent = persistent_model.model(sizes, arch, momentum)
+        beside = (f"{persistent['per_image_seconds'] * 1e6:.1f} us per image, bound by {persistent['bound']} "
+                  f"(spread: {spread['per_image_seconds'] * 1e6:.1f} us; persistent / spread = "
+                  f"{persistent['per_image_seconds'] / spread['per_image_seconds']:.2f})")
+    except ValueError as error:
+        beside = str(error)
+    return spread_model.render(spread) + f"\nthe persistent engine's model, same net: {beside}"
+
+
 # -- command line ----------------------------------------------------------------------------------
 EXAMPLES = """examples:
   python -m gpumlp.profile --net 4 --arch sm_90        static and analytical table (no GPU needed)
   python -m gpumlp.profile --net 4                     on a GPU: every kernel timed, the step as a graph
   python -m gpumlp.profile --hidden 32 --batch-size 8 --json profile.json
   python -m gpumlp.profile --paper-table               bandwidth bounds of the paper's five nets
+  python -m gpumlp.profile --net 4 --engine spread     the spread engine's model beside the persistent one's
 
 Bytes are what each kernel must move at least once (reads + writes); FLOPs count a multiply-add
 as two. Registers, shared memory and spills come from NVRTC (see cuda_kernels/RESOURCES.md)."""
@@ -598,9 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images in the profiled epoch on a GPU (the deformation's batch)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the report as JSON to PATH, or alone to stdout without PATH")
-    p.add_argument("--engine", choices=("graph", "persistent"), default="graph",
-                   help="graph: the launches of one step (above); persistent: the model of the persistent "
-                        "kernel (bytes on chip, in L2 and HBM, grid-wide syncs, expected time per image)")
+    p.add_argument("--engine", choices=("graph", "persistent", "spread"), default="graph",
+                   help="graph: the launches of one step (above); persistent, spread: the model of that "
+                        "engine's kernel (bytes on chip, in L2 and HBM, grid-wide syncs, expected time per "
+                        "image; spread also where each weight lives, and the persistent model's time beside)")
     p.add_argument("--paper-table", action="store_true",
                    help="print the bandwidth bounds of the paper's five nets beside its training times, and exit")
     return p
@@ -628,11 +646,13 @@ def main(argv=None) -> int:
             parser.error(message)
     if args.arch and arch_number(args.arch) < min(ARCH_LIMITS):
         parser.error(f"--arch must be sm_{min(ARCH_LIMITS)} or newer, got {args.arch}")
-    if args.engine == "persistent":
-        from gpumlp import persistent_model
+    if args.engine in ("persistent", "spread"):
         if args.batch_size != 1:
-            parser.error("--engine persistent trains online: --batch-size must be 1")
-        print(persistent_model.render(persistent_model.model(sizes, args.arch or DEFAULT_ARCH, args.momentum != 0)))
+            parser.error(f"--engine {args.engine} trains online: --batch-size must be 1")
+        try:
+            print(engine_model_report(args.engine, sizes, args.arch or DEFAULT_ARCH, args.momentum != 0))
+        except ValueError as error:   # a net the engine cannot train
+            parser.error(str(error))
         return 0
     timed = not args.static and gpu_available()
     if timed and args.arch:
