@@ -9,42 +9,44 @@ on the modelled device.
 One block per SM (G = SMs blocks of spread_plan.THREADS threads). A phase is the work between two
 grid barriers; it lasts as long as its slowest block, so every block's phase is costed
 (engine_model.phase_cost) and the slowest kept. The phases of an image, as cuda_kernels/mlp_spread.cu
-runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.grid_syncs_per_image):
+runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.grid_syncs_per_image).
+The biases of the block's hidden rows (and their velocities, with momentum) live in the scratch for
+the whole launch, and block 0 keeps the loss and error totals in shared memory: no phase reads or
+writes them in global memory.
 - forward l, every hidden layer: x = y_{l-1} (n_in) from L2 into shared memory (layer 0: the image,
-  prefetched into shared memory by the previous image, so no load; but thread 0 first reads the
-  image's sample from the epoch order, then its label, into shared memory: two L2 waits in a row
-  for warp 0 before its rows); the register rows by thread per column (x read once) and a block
-  reduction through shared memory, then their biases read and y written; the other rows warp per row (W row from shared memory or L2, x from shared memory, the
-  bias and y a sector each); a grid barrier;
+  its sample, label and next sample, all prefetched into shared memory by the previous image, so no
+  load and no wait); the register rows by thread per column (x read once) and a block reduction
+  through shared memory, then their biases (shared) and y written; the other rows warp per row (W
+  row from shared memory or L2, x and the bias from shared memory, y a sector); a grid barrier;
 - output (forward L-1 + softmax + backward L-1 + backward L-2), in every block on its own copy of
   the output layer: one pass of loads (y_{L-2}, and the top hidden layer's input y_{L-3}, or for
-  L = 2 the image and the next image); the logits warp per class, the softmax (block 0 adds the
-  loss and error to the totals in global memory and writes the logits), the deltas of the block's
-  rows of layer L-2 from W_out and delta_out (thread per row, no partial sums), the copy's step
-  (W_out, b_out and their velocities, all in shared memory), then the update of the block's rows
-  of layer L-2 (below); a grid barrier;
+  L = 2 the image, the next image and thread 0's label of the next image and sample after it); the
+  logits warp per class, the softmax (block 0 adds the loss and error to its totals in shared memory
+  and writes the logits), the deltas of the block's rows of layer L-2 from W_out and delta_out
+  (thread per row, no partial sums), the copy's step (W_out, b_out and their velocities, all in
+  shared memory), then the update of the block's rows of layer L-2 (below); a grid barrier;
 - backward l, hidden layers L-3 .. 0: one pass of loads: for every owner b' of layer l + 1 the
   contiguous segment partial_{l+1}[b', i0..i1) of the block's rows into a shared tile (the 32-byte
-  sectors covering each segment), the rows' y (for f'), x = y_{l-1} (layer 0: the image, and the
-  next image from HBM); after a block barrier each row's delta from the tile (warp per row, lanes
-  over the owners); then the update: for every column one fmaf chain down the block's rows, which
-  reads delta[r] from shared memory for every weight (a broadcast: one wavefront per warp), reads
-  and writes each weight where it lives (and its velocity in global memory, with momentum), and
-  writes the block's partial row (n_in) for l >= 1; then the biases' steps in global memory; a grid
-  barrier after every backward phase but layer 0's.
+  sectors covering each segment), the rows' y (for f'), x = y_{l-1} (layer 0: the image, the next
+  image from HBM, and thread 0's label of the next image and sample after it); after a block barrier
+  each row's delta from the tile (warp per row, lanes over the owners); then the update: for every
+  column one fmaf chain down the block's rows, which reads delta[r] from shared memory for every
+  weight (a broadcast: one wavefront per warp), reads and writes each weight where it lives (and its
+  velocity in global memory, with momentum), and writes the block's partial row (n_in) for l >= 1;
+  then the biases' steps in shared memory; a grid barrier after every backward phase but layer 0's.
 Shared-memory traffic is counted in wavefronts of 128 bytes (the SM's bandwidth per clock): a
 warp's access moves 128 bytes, a broadcast or one-lane access costs the same clock.
 L2 round trips: the global reads a block's phase waits for after a barrier, as the kernel orders
-them: the phase's load pass (none in forward 0 of a launch's later images: the image is prefetched;
-there thread 0's read of the sample and then of its label instead); the register tile's
-biases, read after its reduction's block barrier; the rows of the layer in global memory, read
-after x's block barrier; in the output phase block 0's read of the loss and error totals; in every
-update the biases (and their velocities), read after the column walk. The first image of a launch
-loads its image in forward 0: one more round trip, printed apart. The loads and stores of the shared
-memory fill and write-back at the start and end of a launch are spread over its images and left out.
-The update's column walk issues each row's load after the previous row's store (NOT_COUNTED): its
-serial L2 waits (rows in global memory; with momentum every row's velocity) are counted apart and
-printed beside the figure, not in it.
+them: the phase's load pass (none in forward 0 of a launch's later images); the rows of the layer
+in global memory, read after x's block barrier. The first image of a launch waits at the launch
+start for thread 0's cursor, then order[start], then its label (3 dependent waits), then loads its
+image in forward 0: 4 round trips, printed apart. The loads and stores of the shared memory fill
+and write-back at the start and end of a launch are spread over its images and left out.
+The update's column walk (NOT_COUNTED): per column, the memory rows (shared rows, then global rows)
+in groups of 4 whose loads are issued together: one serial L2 wait per group that holds a global
+row, with momentum one per group (the velocities are in global memory), and with momentum one per
+register row (the register tile's velocity walk is not grouped); counted apart and printed beside
+the figure, not in it.
 """
 from __future__ import annotations
 
@@ -62,13 +64,15 @@ from gpumlp.train_spread import KERNEL, SOURCE, plan_launch, storage_line
 
 WARPS = THREADS // 32
 NOT_COUNTED = ("latency within a phase beyond its L2 round trips: the update's column walk (hidden_update, "
-               "memory_column_update) is still latency-bound in this kernel: each row's load (the weight; with "
-               "momentum also its velocity, from L2) is issued only after the previous row's store, and the "
-               "layer plan is re-read from shared memory for every row; "
-               "the issue slots of the multiplies and subtractions beside the FMAs; the shared memory's fill "
-               "and write-back once per launch")
+               "memory_column_update) waits on L2 in series, per column once per group of 4 memory rows that "
+               "holds a row in global memory, and with momentum once per group of 4 memory rows (the "
+               "velocities) and once per register row (the register tile's velocity walk is not grouped); "
+               "the issue slots of the multiplies and subtractions beside the FMAs; thread 0's single-word "
+               "shared accesses (the sample, label and upcoming sample; block 0's loss and error totals); "
+               "the shared memory's fill and write-back once per launch")
 WAVEFRONT = 128     # bytes: one shared-memory access of a warp, one clock of the SM's shared memory
 SECTOR = 32         # bytes: the unit L2 sends; a lone 4-byte load costs one
+COLUMN_GROUP = 4    # memory rows of a column whose loads the update issues together (SP_COLUMN_GROUP)
 
 
 @dataclass
@@ -119,23 +123,26 @@ def partial_tile_sectors(sizes, l: int, block: int, blocks: int) -> int:
     return sum(_sectors(start + owner * sizes[l + 1] + begin, end - begin) for owner in owners(sizes, l + 1, blocks))
 
 
+LAUNCH_START_WAITS = 3   # a launch's first image: thread 0's cursor, then order[start], then its label
+
+
 def _forward(sizes, l, storage, rows, first_image) -> _BlockWork:
     n_in = sizes[l]
     reg, shared, global_ = storage.register_rows[l], storage.shared_rows[l], storage.global_rows[l]
     memory_rows = shared + global_
-    loads_x = l > 0 or first_image   # layer 0 reads the image the previous image prefetched
-    sample = 2 if l == 0 else 0      # thread 0: the sample from the order, then its label
+    loads_x = l > 0 or first_image   # layer 0 reads the image (and sample, label) the previous image prefetched
+    launch_start = LAUNCH_START_WAITS if first_image else 0
     work = _BlockWork(rows, register_bytes=F32 * reg * n_in, flops=2 * rows * n_in,
-                      round_trips=sample + int(loads_x) + int(reg > 0) + int(global_ > 0))
+                      round_trips=launch_start + int(loads_x) + int(global_ > 0))
     work.shared_bytes = WAVEFRONT * _warp_accesses(n_in) if loads_x else 0               # x stored
-    if reg:   # x read once by thread per column, then the 8 warps' sums of each row
-        work.shared_bytes += WAVEFRONT * (_warp_accesses(n_in) + WARPS * REGISTER_ROWS + WARPS)
+    if reg:   # x read once by thread per column, the 8 warps' sums of each row, then the biases
+        work.shared_bytes += WAVEFRONT * (_warp_accesses(n_in) + WARPS * REGISTER_ROWS + WARPS + _warp_accesses(reg))
     work.shared_bytes += WAVEFRONT * _warp_accesses(n_in) * (memory_rows + shared)        # x per row, shared W rows
-    # a register row's bias and y are read and written by consecutive threads, a memory row's by
-    # one lane of its warp (a sector each)
+    work.shared_bytes += WAVEFRONT * memory_rows                                           # a memory row's bias
+    # a register row's y is written by consecutive threads, a memory row's by one lane of its warp (a sector)
     work.exchange_bytes = F32 * n_in * loads_x + F32 * reg + SECTOR * memory_rows          # x read, y written
-    work.exchange_bytes += SECTOR * sample                                                 # order, label
-    work.resident_bytes = F32 * reg + SECTOR * memory_rows + F32 * global_ * n_in          # biases, W rows
+    work.exchange_bytes += SECTOR * launch_start                                           # cursor, order, label
+    work.resident_bytes = F32 * global_ * n_in                                             # W rows
     return work
 
 
@@ -145,32 +152,41 @@ def _update(work, sizes, l, storage, rows, write_partial, momentum) -> None:
     reg, shared, global_ = storage.register_rows[l], storage.shared_rows[l], storage.global_rows[l]
     work.register_bytes += 2 * F32 * reg * n_in
     work.shared_bytes += WAVEFRONT * _warp_accesses(n_in) * (1 + rows + 2 * shared)   # x[j]; delta[r]; W
-    work.shared_bytes += WAVEFRONT * _warp_accesses(rows)                               # delta for the biases
+    # the biases' steps in the scratch: delta read, the bias (and its velocity) read and written
+    work.shared_bytes += WAVEFRONT * _warp_accesses(rows) * (3 + (2 if momentum else 0))
     work.exchange_bytes += F32 * n_in if write_partial else 0                            # the partial row
-    velocities = 2 * F32 * rows * (n_in + 1) if momentum else 0
-    work.resident_bytes += 2 * F32 * global_ * n_in + 2 * F32 * rows + velocities        # W rows, biases
+    velocities = 2 * F32 * rows * n_in if momentum else 0
+    work.resident_bytes += 2 * F32 * global_ * n_in + velocities                         # W rows, vW rows
     work.flops += (2 + (5 if momentum else 3)) * rows * n_in + (5 if momentum else 3) * rows
-    work.round_trips += 1 if rows else 0   # the biases, read after the column walk
-    # a thread's columns, each down the rows: a row in W (and with momentum every row's velocity)
-    # is an L2 load issued after the previous row's store
-    work.walk_waits += -(-n_in // THREADS) * (global_ + (rows if momentum else 0))
+    work.walk_waits += -(-n_in // THREADS) * column_walk_waits(reg, shared, global_, momentum)
+
+
+def column_walk_waits(register_rows: int, shared_rows: int, global_rows: int, momentum: bool) -> int:
+    """Serial L2 waits of one column of hidden_update: the memory rows (shared, then global) go in
+    groups of 4 whose loads are issued together, one wait per group that holds a global row (with
+    momentum every group: the velocities are in global memory); with momentum the register tile's
+    rows also read their velocities one after another (not grouped)."""
+    memory_rows = shared_rows + global_rows
+    if momentum:
+        return register_rows + -(-memory_rows // COLUMN_GROUP)
+    return (memory_rows - 1) // COLUMN_GROUP - shared_rows // COLUMN_GROUP + 1 if global_rows else 0
 
 
 def _output(sizes, storage, rows, block, momentum) -> _BlockWork:
     """The output phase of one block: `rows` of the top hidden layer (L-2) are its own."""
     n_classes, n_in, top_in = sizes[-1], sizes[-2], sizes[-3]
     one_hidden = len(sizes) == 3
-    work = _BlockWork(rows, round_trips=1 + (block == 0))   # the load pass; block 0: the totals
+    work = _BlockWork(rows, round_trips=1)   # the load pass
     loads = n_in + (top_in + (sizes[0] if one_hidden else 0) if rows else 0)   # y_{L-2}; x of layer L-2; next image
-    work.exchange_bytes = F32 * loads
+    work.exchange_bytes = F32 * loads + (2 * SECTOR if one_hidden else 0)      # thread 0: next label, sample after
     work.shared_bytes = WAVEFRONT * (_warp_accesses(n_in) + (_warp_accesses(top_in) if rows else 0)
                                      + (_warp_accesses(sizes[0]) if one_hidden and rows else 0))
     # the logits: a warp per class reads W_out's row and x, the bias, and writes the logit
     work.shared_bytes += WAVEFRONT * n_classes * (2 * _warp_accesses(n_in) + 2)
     # the softmax (warp 0): the logits read for the argmax, the sum, p and the loss; delta_out written
     work.shared_bytes += WAVEFRONT * 5 * _warp_accesses(n_classes)
-    if block == 0:   # the logits written to y; the loss and error totals read and written
-        work.exchange_bytes += SECTOR * (_sectors(0, n_classes) + 2 + 2)
+    if block == 0:   # the logits written to y (the totals are in its shared memory)
+        work.exchange_bytes += SECTOR * _sectors(0, n_classes)
     # the top layer's deltas, thread per row: W_out[c][i] and delta_out[c] for every class, y, delta
     work.shared_bytes += WAVEFRONT * _warp_accesses(rows) * (2 * n_classes + 2)
     # the copy's step: W_out (and vW_out) read and written, x and delta_out read; then b_out
@@ -191,6 +207,7 @@ def _backward(sizes, l, storage, rows, block, blocks, momentum) -> _BlockWork:
     next_image = sizes[0] if l == 0 else 0
     work = _BlockWork(rows, partial_tile_bytes=tile, round_trips=1)   # the load pass
     work.exchange_bytes = tile + SECTOR * _sectors(begin, rows) + F32 * (n_in + next_image)   # tile, y, x, image
+    work.exchange_bytes += 2 * SECTOR if l == 0 else 0   # thread 0: the next image's label and the sample after it
     work.shared_bytes = WAVEFRONT * (_warp_accesses(above * rows) + _warp_accesses(rows) + _warp_accesses(n_in)
                                      + _warp_accesses(next_image))
     # each row's delta: lanes over the G owners' slots of the tile, then y and delta by lane 0
@@ -243,8 +260,8 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     hidden_biases = sum(sizes[1:-1])
     output_layer = sizes[-1] * (sizes[-2] + 1)   # W_out and b_out, replicated in every block
     activations = sum(sizes[1:])
-    in_global_memory = F32 * (in_global + hidden_biases + ((hidden_weights + hidden_biases) if momentum else 0)
-                              + partial_floats(sizes, grid) + activations)
+    in_global_memory = F32 * (in_global + (hidden_weights if momentum else 0) + partial_floats(sizes, grid)
+                              + activations)   # what an image touches there: the biases are in the scratch
     from_hbm = in_global_memory > device.l2_bytes
 
     def phase(name, works) -> SpreadPhase:
@@ -351,7 +368,7 @@ def render(m: dict) -> str:
     lines.append(f"| output layer W and b{' and their velocities' if m['momentum'] else ''}, replicated in every "
                  f"block's shared memory | {_kib(copy)} | {grid} copies of {mb(F32 * copy)} | "
                  f"{m['output_layer_floats'] / m['weights']:.1%} |")
-    lines.append(f"| hidden biases (global memory) | | {mb(F32 * m['hidden_biases'])} | "
+    lines.append(f"| hidden biases (each block's rows in its scratch) | | {mb(F32 * m['hidden_biases'])} | "
                  f"{m['hidden_biases'] / m['weights']:.1%} |")
     lines.append(f"| all | | {mb(F32 * m['weights'])} | 100.0% |")
     lines += ["", "| layer | n_in x n_out | rows per block | rows in registers | in shared memory | in global memory "
@@ -376,8 +393,8 @@ def render(m: dict) -> str:
         f"| phases (slowest block each) | {m['compute_seconds'] * 1e6:.1f} us, of which L2 round trips "
         f"{m['round_trip_seconds'] * 1e6:.1f} us |",
         f"| expected time | {per_image * 1e6:.1f} us |",
-        f"| a launch's first image, on top (its forward 0 loads the image: {first.round_trips} L2 round trip"
-        f"{'s' if first.round_trips != 1 else ''} in all) "
+        f"| a launch's first image, on top ({LAUNCH_START_WAITS} dependent L2 waits at the launch start: cursor, "
+        f"sample, label; then its forward 0 loads the image: {first.round_trips} L2 round trips in all) "
         f"| {m['first_image_extra_seconds'] * 1e6:.2f} us |",
         "",
         "| phase | blocks | slowest block | its rows | its register bytes | its shared bytes | its L2/HBM bytes "

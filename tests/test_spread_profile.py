@@ -7,7 +7,7 @@ import pytest
 
 from gpumlp import nets, profile, spread_plan
 from gpumlp.engine_model import F32, H100_SXM
-from gpumlp.spread_model import SECTOR, model, partial_tile_sectors
+from gpumlp.spread_model import LAUNCH_START_WAITS, SECTOR, column_walk_waits, model, partial_tile_sectors
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")   # registers come from the compile gate
 
@@ -57,19 +57,30 @@ def test_the_barriers_are_2l_minus_3_and_the_time_is_the_phases_plus_them(net):
     assert m["phases"][layers - 1].blocks == m["grid"]
 
 
-def test_forward_0_of_a_launchs_later_images_does_not_wait_for_the_image():
-    """The image is prefetched by the previous image's backward 0: forward 0 of net 4 (no register
-    or global rows in layer 0) waits on L2 only for thread 0's read of the sample from the order and
-    then of its label (two in a row); only a launch's first image loads the image there too."""
+def test_forward_0_of_a_launchs_later_images_waits_on_nothing():
+    """The image, its sample, label and next sample are prefetched by the previous image's backward 0,
+    and the biases are in the scratch: forward 0 of net 4 (no register or global rows in layer 0)
+    waits on L2 for nothing and writes only y (a sector per row). A launch's first image waits for
+    the cursor, its sample and its label in a row at the launch start, then loads its image."""
     m = model(paper_net(4))
     forward_0, first = m["phases"][0], m["first_image_phase"]
-    assert forward_0.cost.name == "forward 0" and forward_0.round_trips == 2
-    assert first.round_trips == forward_0.round_trips + 1
-    assert first.cost.global_bytes == forward_0.cost.global_bytes + F32 * 841
+    assert forward_0.cost.name == "forward 0" and forward_0.round_trips == 0
+    assert forward_0.cost.global_bytes == SECTOR * forward_0.cost.rows
+    assert first.round_trips == LAUNCH_START_WAITS + 1 == 4
+    assert first.cost.global_bytes == forward_0.cost.global_bytes + F32 * 841 + SECTOR * LAUNCH_START_WAITS
     assert first.cost.seconds > forward_0.cost.seconds
     assert m["first_image_extra_seconds"] == pytest.approx(first.cost.seconds - forward_0.cost.seconds)
-    # net 1's layer 0 is the register layer: its biases are read after the tile's reduction barrier
-    assert model(paper_net(1))["phases"][0].round_trips == 3
+    # net 1's layer 0 is the register layer: its biases are in the scratch, no wait after the reduction
+    assert model(paper_net(1))["phases"][0].round_trips == 0
+
+
+def test_the_output_phase_and_the_updates_wait_only_for_their_load_pass():
+    """Block 0's loss and error totals are in its shared memory and the biases' steps are taken in
+    the scratch: a phase with no global rows waits on L2 once, whichever block is the slowest."""
+    m = model(paper_net(1))   # every weight on chip
+    assert [p.round_trips for p in m["phases"]] == [0, 1, 1, 1]
+    heavy = model(paper_net(1), momentum=True)
+    assert [p.round_trips for p in heavy["phases"]] == [0, 1, 1, 1]
 
 
 def test_the_partial_tile_is_every_owners_segment_in_32_byte_sectors():
@@ -90,15 +101,31 @@ def test_the_partial_tile_is_every_owners_segment_in_32_byte_sectors():
         assert sectors <= len(spread_plan.owners(sizes, l + 1, blocks)) * (-(-F32 * rows // SECTOR) + 1) < 132 * rows
 
 
-def test_the_column_walks_serial_l2_waits_are_the_global_rows_and_with_momentum_every_row():
+def test_a_columns_walk_waits_once_per_group_of_4_memory_rows_holding_a_global_row():
+    """memory_column_update: shared rows then global rows, in groups of 4 loaded together."""
+    assert column_walk_waits(0, 8, 0, False) == 0            # all in shared memory
+    assert column_walk_waits(0, 5, 3, False) == 1            # groups [s s s s] [s g g g]
+    assert column_walk_waits(0, 3, 6, False) == 3            # [s s s g] [g g g g] [g]
+    assert column_walk_waits(16, 0, 0, False) == 0           # the register tile alone, no velocities
+    # with momentum every group waits for its velocities, and every register row for its own
+    assert column_walk_waits(0, 8, 0, True) == 2
+    assert column_walk_waits(16, 2, 3, True) == 16 + 2
+
+
+def test_the_column_walks_serial_l2_waits_are_the_global_groups_and_with_momentum_every_group_and_register_row():
     """Not in the cost, printed beside it: a thread's ceil(n_in / 256) columns, each down its rows."""
     sizes, blocks = paper_net(1), H100_SXM.sms
     assert all(p.walk_waits == 0 for p in model(sizes)["phases"])   # net 1: no row in global memory
     heavy = model(sizes, momentum=True)
     backward_0 = heavy["phases"][-1]
     assert backward_0.cost.name == "backward 0"
-    assert backward_0.walk_waits == 4 * spread_plan.max_block_rows(sizes, 0, blocks)   # 841 columns: 4 per thread
+    # layer 0 is net 1's register layer (every row in the tile): one wait per row, 841 columns: 4 per thread
+    assert backward_0.walk_waits == 4 * spread_plan.max_block_rows(sizes, 0, blocks)
     assert heavy["walk_wait_seconds"] == pytest.approx(sum(p.walk_waits for p in heavy["phases"]) * 0.3e-6)
+    # net 4, the output phase (layer 4: 1000 inputs, 3-4 rows per block, some in global memory): one
+    # group of memory rows per column, 4 columns per thread
+    output = model(paper_net(4))["phases"][5]
+    assert output.cost.name.startswith("output") and output.walk_waits == 4
 
 
 def test_more_l2_bandwidth_never_slows_it():
@@ -113,8 +140,8 @@ def test_momentum_keeps_the_output_velocities_in_shared_memory_and_the_hidden_on
     sizes = paper_net(1)
     plain, heavy = model(sizes), model(sizes, momentum=True)
     moved = heavy["bytes_l2"] + heavy["bytes_hbm"] - plain["bytes_l2"] - plain["bytes_hbm"]
-    hidden = nets.count_weights(sizes) - plain["output_layer_floats"]
-    assert moved == 2 * F32 * hidden
+    hidden_weights = nets.count_weights(sizes) - plain["output_layer_floats"] - plain["hidden_biases"]
+    assert moved == 2 * F32 * hidden_weights   # the biases' velocities are in the scratch
     assert heavy["bytes_on_chip"] > plain["bytes_on_chip"]   # the copy's velocities read and written there
     assert heavy["output_copy_floats"] == 2 * plain["output_copy_floats"]
     assert heavy["per_image_seconds"] > plain["per_image_seconds"]
