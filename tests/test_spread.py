@@ -165,7 +165,8 @@ def online_step_bounds(params, x, label, lr):
     ([1000, 500], dict(blocks=8), 0.5),
 ], ids=["odd-3-blocks", "odd-30-blocks-some-own-nothing", "mixed-registers-shared-global", "net-1-8-blocks"])
 def test_one_online_step_matches_the_reference_within_sum_length_bounds(data100, hidden, options, momentum):
-    """Forward outputs, loss and every layer's W and b after one step from the same weights, each
+    """train_online_spread against its numpy reference (reference.train_online_ref): forward
+    outputs, loss and every layer's W and b after one step from the same weights, each
     within its bound (reference_step_with_bounds says why) + PAPER_RTOL |ref|; the step must move
     the weights by far more than the bound (else the test would prove nothing)."""
     config = config_for(hidden, momentum, augment=False)
