@@ -35,13 +35,13 @@
 #include "mlp_common.cuh"
 #include "softmax_row.cuh"
 #include "grid_sync.cuh"
+#include "layer_table.cuh"
 #include "row_forward.cuh"
 
 #define PT_THREADS 256      // 8 warps; train_persistent.PERSISTENT_THREADS mirrors it
 #define PT_WARPS (PT_THREADS / 32)
 #define PT_ROWS 32          // = BU_ROWS of mlp_online.cu: the chunk of the partial sums
 #define PT_MAX_LAYERS 12    // train_persistent.MAX_LAYERS (net 5 has 10)
-#define PT_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
 
 // Where a block finds its part of each layer, computed once per launch by thread 0.
 struct LayerPlan {
@@ -109,11 +109,7 @@ train_online_persistent(const unsigned long long* __restrict__ layers, const int
         size_t shared_offset = max_in, partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
             LayerPlan& p = plan[l];
-            p.W = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 0]);
-            p.b = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 1]);
-            p.vW = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 2]);
-            p.vb = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 3]);
-            p.y = reinterpret_cast<float*>(layers[PT_LAYER_ARRAYS * l + 4]);
+            read_layer_arrays(p, layers, l);
             p.n_in = sizes[l];
             p.n_out = sizes[l + 1];
             p.chunks = (p.n_out + PT_ROWS - 1) / PT_ROWS;

@@ -91,6 +91,7 @@
 #include "mlp_common.cuh"
 #include "softmax_row.cuh"
 #include "grid_sync.cuh"
+#include "layer_table.cuh"
 #include "row_forward.cuh"
 
 #define SP_THREADS 256      // 8 warps; spread_plan.THREADS mirrors it
@@ -98,7 +99,6 @@
 #define SP_REG_ROWS 16      // spread_plan.REGISTER_ROWS
 #define SP_REG_COLS 10      // spread_plan.REGISTER_COLUMNS: the tile covers n_in <= 2560
 #define SP_MAX_LAYERS 12    // spread_plan.MAX_LAYERS
-#define SP_LAYER_ARRAYS 5   // per layer in `layers`: W, b, vW, vb, y
 
 // Where a block finds its part of each layer, computed once per launch by thread 0.
 struct SpreadLayer {
@@ -498,11 +498,7 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         size_t partial_offset = 0;
         for (int l = 0; l < n_layers; ++l) {
             SpreadLayer& p = plan[l];
-            p.W = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 0]);
-            p.b = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 1]);
-            p.vW = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 2]);
-            p.vb = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 3]);
-            p.y = reinterpret_cast<float*>(layers[SP_LAYER_ARRAYS * l + 4]);
+            read_layer_arrays(p, layers, l);
             p.n_in = sizes[l];
             p.n_out = sizes[l + 1];
             p.partial = nullptr;

@@ -22,7 +22,7 @@ PERSISTENT_THREADS = 256
 CHUNK_ROWS = 32
 MAX_LAYERS = 12
 MAX_CLASSES = CHUNK_ROWS     # the output layer is one chunk: its owner does the softmax alone
-LAYER_ARRAYS = 5             # W, b, vW, vb, y per layer in the kernel's table
+LAYER_ARRAYS = 5             # W, b, vW, vb, y per layer in the kernels' table (layer_table.cuh)
 
 LAUNCH_STEPS_CUDA = 1000     # images per launch: progress and Ctrl-C stay responsive
 LAUNCH_STEPS_EMULATED = 64
