@@ -269,17 +269,30 @@ __device__ __forceinline__ void register_forward(const float (&wreg)[SP_REG_ROWS
 #define SP_COLUMN_GROUP 4   // rows of a column whose weights (and velocities) are loaded before any is stored
 
 // Column j of the block's rows in memory (register_rows .. rows - 1): continues the fmaf chain
-// `acc` of the column's OLD weights times delta and takes every weight's step. Returns the chain.
-// The rows go in groups of SP_COLUMN_GROUP: the group's loads are issued together, then its steps
-// are taken in row order, so that a column waits on L2 once per group rather than once per row
-// (a row's load would otherwise wait for the previous row's store, which may alias it). The plan's
-// fields are copied into locals first: p lives in shared memory, which a store through a generic
-// pointer might alias, so they would be re-read after every store.
-__device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int j, float xj, const float* delta,
-                                                      float acc, float lr, float momentum, bool use_momentum)
+// `acc` of the column's weights (not yet stepped) times delta, in row order, and returns it. Only
+// loads: the compiler may issue them all at once.
+__device__ __forceinline__ float memory_column_partial(const SpreadLayer& p, int j, const float* delta, float acc)
 {
     const int first = p.register_rows, rows = p.rows, n_in = p.n_in;
     const int shared_end = first + p.shared_rows;   // rows first .. shared_end - 1 in shared memory
+    const float* const shared_column = p.shared + j - (size_t)first * n_in;
+    const float* const global_column = p.W + (size_t)p.row_begin * n_in + j;
+    for (int r = first; r < rows; ++r)
+        acc = fmaf((r < shared_end ? shared_column : global_column)[(size_t)r * n_in], delta[r], acc);
+    return acc;
+}
+
+// Column j of the block's rows in memory: every weight's step (step = lr (delta_r x_j), sgd_step's
+// arithmetic). The rows go in groups of SP_COLUMN_GROUP: the group's loads are issued together,
+// then its steps are taken in row order, so that a column waits on L2 once per group rather than
+// once per row (a row's load would otherwise wait for the previous row's store, which may alias
+// it). The plan's fields are copied into locals first: p lives in shared memory, which a store
+// through a generic pointer might alias, so they would be re-read after every store.
+__device__ __forceinline__ void memory_column_step(const SpreadLayer& p, int j, float xj, const float* delta,
+                                                   float lr, float momentum, bool use_momentum)
+{
+    const int first = p.register_rows, rows = p.rows, n_in = p.n_in;
+    const int shared_end = first + p.shared_rows;
     float* const shared_column = p.shared + j - (size_t)first * n_in;
     float* const global_column = p.W + (size_t)p.row_begin * n_in + j;
     float* const velocity_column = p.vW + (size_t)p.row_begin * n_in + j;
@@ -298,65 +311,81 @@ __device__ __forceinline__ float memory_column_update(const SpreadLayer& p, int 
         for (int q = 0; q < SP_COLUMN_GROUP; ++q) {
             const int r = r0 + q;
             if (r < rows) {
-                const float d = delta[r];
-                acc = fmaf(w[q], d, acc);   // the OLD weight
                 (r < shared_end ? shared_column : global_column)[(size_t)r * n_in] =
-                    sgd_stepped(w[q], &v[q], __fmul_rn(lr, __fmul_rn(d, xj)), momentum, use_momentum);
+                    sgd_stepped(w[q], &v[q], __fmul_rn(lr, __fmul_rn(delta[r], xj)), momentum, use_momentum);
                 if (use_momentum)
                     velocity_column[(size_t)r * n_in] = v[q];
             }
         }
     }
-    return acc;
+}
+
+// The block's partial row partial_l[blockIdx.x, :] of hidden layer l >= 1 (p) from its deltas
+// (shared, (rows,)): before the step, so that the grid barrier's arrive can follow it and the step
+// overlap the barrier. Thread t: columns j = t + 256 k, each one fmaf chain down the block's rows in
+// row order (register rows, then memory rows) of the weights times delta.
+__device__ __forceinline__ void hidden_partials(const float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
+                                                bool in_register_tile, const float* delta)
+{
+    float* const block_partial = p.partial + (size_t)blockIdx.x * p.n_in;
+    if (in_register_tile) {
+#pragma unroll
+        for (int k = 0; k < SP_REG_COLS; ++k) {
+            const int j = threadIdx.x + SP_THREADS * k;
+            if (j < p.n_in) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < SP_REG_ROWS; ++r)
+                    if (r < p.register_rows)
+                        acc = fmaf(wreg[r][k], delta[r], acc);
+                block_partial[j] = memory_column_partial(p, j, delta, acc);
+            }
+        }
+    } else {
+        for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+            block_partial[j] = memory_column_partial(p, j, delta, 0.0f);
+    }
 }
 
 // The step of the block's rows of hidden layer l (p) from its deltas (shared, (rows,)) and its
-// input x (shared, (n_in,)), and for l >= 1 the block's partial row partial_l[blockIdx.x, :].
-// Thread t: columns t + 256 k, each down the block's rows in row order; then the biases.
-__device__ __forceinline__ void hidden_update(float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
-                                              bool in_register_tile, bool write_partial, const float* x,
-                                              const float* delta, float lr, float momentum, bool use_momentum)
+// input x (shared, (n_in,)). Thread t: the same columns as hidden_partials (so no other thread's
+// partial reads a weight it steps), then the biases.
+__device__ __forceinline__ void hidden_step(float (&wreg)[SP_REG_ROWS][SP_REG_COLS], const SpreadLayer& p,
+                                            bool in_register_tile, const float* x, const float* delta, float lr,
+                                            float momentum, bool use_momentum)
 {
-    float* const block_partial = write_partial ? p.partial + (size_t)blockIdx.x * p.n_in : nullptr;
     if (in_register_tile) {
 #pragma unroll
         for (int k = 0; k < SP_REG_COLS; ++k) {
             const int j = threadIdx.x + SP_THREADS * k;
             if (j < p.n_in) {
                 const float xj = x[j];
-                float acc = 0.0f;
 #pragma unroll
                 for (int r = 0; r < SP_REG_ROWS; ++r)
                     if (r < p.register_rows) {
-                        const float d = delta[r];
                         float* v = p.vW + (size_t)(p.row_begin + r) * p.n_in + j;
-                        acc = fmaf(wreg[r][k], d, acc);   // the OLD weight
-                        wreg[r][k] = sgd_stepped(wreg[r][k], v, __fmul_rn(lr, __fmul_rn(d, xj)), momentum,
+                        wreg[r][k] = sgd_stepped(wreg[r][k], v, __fmul_rn(lr, __fmul_rn(delta[r], xj)), momentum,
                                                  use_momentum);
                     }
-                acc = memory_column_update(p, j, xj, delta, acc, lr, momentum, use_momentum);
-                if (write_partial)
-                    block_partial[j] = acc;
+                memory_column_step(p, j, xj, delta, lr, momentum, use_momentum);
             }
         }
     } else {
-        for (int j = threadIdx.x; j < p.n_in; j += blockDim.x) {
-            const float acc = memory_column_update(p, j, x[j], delta, 0.0f, lr, momentum, use_momentum);
-            if (write_partial)
-                block_partial[j] = acc;
-        }
+        for (int j = threadIdx.x; j < p.n_in; j += blockDim.x)
+            memory_column_step(p, j, x[j], delta, lr, momentum, use_momentum);
     }
     for (int r = threadIdx.x; r < p.rows; r += blockDim.x)
         sgd_step(p.bias + r, p.vbias + r, __fmul_rn(lr, delta[r]), momentum, use_momentum);
 }
 
-// The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out), then the deltas
-// of the block's rows of the top hidden layer (top) into s.delta. One pass of loads: y_{L-2} (the
-// logits' input, f' and the output step's input) into s.x, and when the block owns top rows their
-// step's input x (y_{L-3} or the image; (top.n_in,)) into s.exchange and, with one hidden layer,
-// the next image (next_image, or none) into s.image and (fetch_upcoming) the next image's label and
-// the sample after it. Every thread calls it; only block 0 adds the loss and the error to the totals
-// (its launch totals in shared memory) and writes the logits to out.y.
+// The output layer on the block's copy (out: W_out (n_classes, n_in) in s.W_out) up to its deltas,
+// then the deltas of the block's rows of the top hidden layer (top) into s.delta; its step and the
+// copy's (output_step) come after the arrive. One pass of loads: y_{L-2} (the logits' input, f' and
+// the output step's input) into s.x, and when the block owns top rows their step's input x (y_{L-3}
+// or the image; (top.n_in,)) into s.exchange and, with one hidden layer, the next image (next_image,
+// or none) into s.image and (fetch_upcoming) the next image's label and the sample after it. Every
+// thread calls it; only block 0 adds the loss and the error to the totals (its launch totals in
+// shared memory) and writes the logits to out.y.
 __device__ __forceinline__ void output_layer(const SpreadLayer& out, const SpreadLayer& top, const SpreadScratch& s,
                                              const float* x, const float* next_image, int label, float lr,
                                              float momentum, bool use_momentum, double* loss_total,
@@ -400,9 +429,15 @@ __device__ __forceinline__ void output_layer(const SpreadLayer& out, const Sprea
             sum = fmaf(s.W_out[(size_t)c * out.n_in + i], s.delta_out[c], sum);
         s.delta[r] = __fmul_rn(sum, scaled_tanh_derivative(s.x[i]));
     }
-    __syncthreads();
-    // the output layer's step, the same operations in every block (the top layer's step follows
-    // without a barrier: it reads neither s.x nor the copy)
+    __syncthreads();   // the partials and the steps read every row's delta
+}
+
+// The step of the block's copy of the output layer (the same operations in every block), from
+// delta_out and its input y_{L-2} in s.x: after the output phase's arrive, since it touches only the
+// block's shared memory.
+__device__ __forceinline__ void output_step(const SpreadLayer& out, const SpreadScratch& s, float lr, float momentum,
+                                            bool use_momentum)
+{
     for (int e = threadIdx.x; e < out.n_out * out.n_in; e += blockDim.x) {
         const int c = e / out.n_in, j = e - c * out.n_in;
         sgd_step(s.W_out + e, s.vW_out + e, __fmul_rn(lr, __fmul_rn(s.delta_out[c], s.x[j])), momentum,
@@ -656,15 +691,26 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
             } else {   // a block without rows of layer l still needs the next label (its output layer)
                 fetch_upcoming(&upcoming, labels, order, fetch_next, after_next);
             }
-            if (p.rows > 0)
-                hidden_update(wreg, p, l == register_layer, l > 0, top ? s.exchange : s.x, s.delta, lr, momentum,
-                              use_momentum);
-            // the partials of layer l are read by the owners of layer l - 1; a net of one hidden
-            // layer (top, l = 0): every block has read y_0 before the next image rewrites it
-            if (l > 0 || top)
-                grid_sync(barrier);
-            else
+            const bool tiled = l == register_layer;
+            const float* step_input = top ? s.exchange : s.x;
+            if (l > 0 || top) {
+                // the partials of layer l are read by the owners of layer l - 1 after the barrier;
+                // a net of one hidden layer (top, l = 0): every block has read y_0 before the next
+                // image rewrites it. The steps touch only the block's own rows and copy, so they go
+                // between the arrive and the wait.
+                if (l > 0 && p.rows > 0)
+                    hidden_partials(wreg, p, tiled, s.delta);
+                GridArrival arrival = grid_arrive(barrier);
+                if (top)
+                    output_step(plan[last], s, lr, momentum, use_momentum);
+                if (p.rows > 0)
+                    hidden_step(wreg, p, tiled, step_input, s.delta, lr, momentum, use_momentum);
+                grid_wait(barrier, arrival);
+            } else {
+                if (p.rows > 0)
+                    hidden_step(wreg, p, tiled, step_input, s.delta, lr, momentum, use_momentum);
                 __syncthreads();   // the next image's forward pass reads the rows just stepped
+            }
         }
     }
 

@@ -261,14 +261,19 @@ def planted_module(text, name):
 
 def test_a_planted_missing_grid_sync_is_caught(data100):
     """Without the grid barrier after the backward partials of the hidden layers below the top one
-    (ODD: layer 1), the owners of the layer below read partial sums before their writers have run
-    (poisoned to NaN, as fresh memory may hold anything): in launch and in shuffled block order the
-    weights differ from the kernel as it is, which gives the same bits in both orders."""
+    (ODD: layer 1; its arrive and wait become block barriers), the owners of the layer below read
+    partial sums before their writers have run (poisoned to NaN, as fresh memory may hold anything):
+    in launch and in shuffled block order the weights differ from the kernel as it is, which gives
+    the same bits in both orders."""
     source = (KERNEL_DIR / SOURCE).read_text()
-    planted = "            if (l > 0 || top)\n                grid_sync(barrier);\n"
-    assert source.count(planted) == 1
+    arrive = "                GridArrival arrival = grid_arrive(barrier);\n"
+    wait = "                grid_wait(barrier, arrival);\n"
+    assert source.count(arrive) == 1 and source.count(wait) == 1
+    planted = source.replace(arrive, "                GridArrival arrival = top ? grid_arrive(barrier) : GridArrival{};\n")
+    planted = planted.replace(wait, "                if (top)\n    " + wait + "                else\n"
+                              "                    __syncthreads();\n")
     states = {}   # planted: only the barrier after the top hidden layer's backward pass is left
-    for name, text in (("as_is", source), ("planted", source.replace(planted, planted.replace("l > 0 || ", "")))):
+    for name, text in (("as_is", source), ("planted", planted)):
         module = planted_module(text, name)
         for block_order in ("launch", "random"):
             trainer = spread_trainer(data100, config_for(ODD, 0.5, train_images=20), blocks=4)
