@@ -115,7 +115,7 @@ struct SpreadLayer {
 // The scratch part of dynamic shared memory (spread_plan.scratch_floats, in this order).
 struct SpreadScratch {
     float* x;          // (max n_in,) the layer's input
-    float* image;      // (sizes[0],) the image of layer 0's forward pass (prefetched)
+    float* image;      // (sizes[0],) the image of layer 0's forward pass (prefetched; in x's buffer where it fits)
     float* delta;      // (max rows per block,) the deltas of the block's rows of a hidden layer
     float* reduce;     // (SP_WARPS, SP_REG_ROWS) the register tile's forward reduction
     float* exchange;   // the owners' partials (grid, rows | 1), or the top hidden layer's input
@@ -503,8 +503,13 @@ train_online_spread(const unsigned long long* __restrict__ layers, const int* __
         float* next = shared_memory;
         s.x = next;
         next += max_in;
-        s.image = next;
-        next += sizes[0];
+        // The prefetched image shares x's buffer where it fits beside layer 0's input, which x holds
+        // in layer 0's backward pass, where the image is loaded; it is read only in the next image's
+        // forward pass of layer 0, which takes no x. With one hidden layer the image is loaded in
+        // the output phase, beside y_0, and never fits (spread_plan.image_floats).
+        const bool image_in_x = n_layers > 2 && 2 * sizes[0] <= max_in;
+        s.image = image_in_x ? s.x + sizes[0] : next;
+        next += image_in_x ? 0 : sizes[0];
         s.delta = next;
         next += max_rows;
         s.reduce = next;

@@ -117,14 +117,21 @@ def exchange_floats(sizes, blocks: int) -> int:
     return max([sizes[-3], *tiles])
 
 
+def image_floats(sizes) -> int:
+    """The prefetched image's own buffer in the scratch: none where it fits in x's buffer (max n_in)
+    beside layer 0's input, which x holds in layer 0's backward pass, where the image is loaded; with
+    one hidden layer it is loaded beside y_0 in the output phase and never fits: n_in of layer 0."""
+    return 0 if len(sizes) > 3 and 2 * sizes[0] <= max(sizes[:-1]) else sizes[0]
+
+
 def scratch_floats(sizes, blocks: int, momentum: bool) -> int:
     """The kernel's other dynamic shared memory, in its order: the layer's input x (max n_in), the
-    prefetched image (n_in of layer 0), the block's deltas (max rows per block of a hidden layer),
+    prefetched image (image_floats: none when it fits in x's buffer), the block's deltas (max rows per block of a hidden layer),
     the forward reduction of the register tile (warps x REGISTER_ROWS), the exchange buffer, the
     logits and delta_out (n_classes each), the output layer's copy, and the biases of the block's
     rows of every hidden layer (max rows per block of each), with momentum their velocities too."""
     rows = [-(-n_out // blocks) for n_out in sizes[1:-1]]
-    return (max(sizes[:-1]) + sizes[0] + max(rows) + (THREADS // 32) * REGISTER_ROWS + exchange_floats(sizes, blocks)
+    return (max(sizes[:-1]) + image_floats(sizes) + max(rows) + (THREADS // 32) * REGISTER_ROWS + exchange_floats(sizes, blocks)
             + 2 * sizes[-1] + output_copy_floats(sizes, momentum) + (2 if momentum else 1) * sum(rows))
 
 

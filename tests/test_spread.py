@@ -75,7 +75,8 @@ def test_an_output_layer_whose_copy_does_not_fit_shared_memory_is_refused(data10
 
 
 def test_the_kernels_scratch_layout_is_spread_plans():
-    """The kernel lays its scratch out as x (max n_in), the prefetched image (n_in of layer 0),
+    """The kernel lays its scratch out as x (max n_in), the prefetched image (n_in of layer 0; none
+    where it fits in x's buffer beside layer 0's input, with two or more hidden layers),
     delta (ceil(n_out / G) rows of a hidden layer: the largest of the integer-division ranges), the
     register reduction, the exchange buffer (the partial tile (G, ceil(n_out / G) | 1) of every
     hidden layer but the top one, or the top one's input), logits and delta_out, and the output
@@ -90,9 +91,12 @@ def test_the_kernels_scratch_layout_is_spread_plans():
                  "next += output_velocities ? n_classes * out_in : 0;",
                  "next += output_velocities ? n_classes : 0;\n        s.bias = next;\n        next += bias_rows;",
                  "bias_rows += rows;",
+                 "const bool image_in_x = n_layers > 2 && 2 * sizes[0] <= max_in;",
+                 "next += image_in_x ? 0 : sizes[0];",
                  "next += output_velocities ? bias_rows : 0;\n        float* weights = next;"):
         assert line in source, line
-    for hidden in ([37], ODD, MIXED, [1000, 500], [2500, 2000, 1500, 1000, 500]):
+    for hidden, image in (([37], 841), ([2000], 841), (ODD, 841), (MIXED, 841), ([1000, 500], 841),
+                          ([1682, 20], 0), ([1681, 20], 841), ([2500, 2000, 1500, 1000, 500], 0)):
         sizes = nets.layer_sizes(hidden)
         for blocks in (1, 2, 7, 64, 132):
             rows = [-(-n_out // blocks) for n_out in sizes[1:-1]]   # of each hidden layer
@@ -100,7 +104,7 @@ def test_the_kernels_scratch_layout_is_spread_plans():
             for momentum in (False, True):
                 copy = (2 if momentum else 1) * sizes[-1] * (sizes[-2] + 1)
                 biases = (2 if momentum else 1) * sum(rows)
-                expected = (max(sizes[:-1]) + sizes[0] + max(rows) + 8 * 16 + exchange + 2 * sizes[-1] + copy
+                expected = (max(sizes[:-1]) + image + max(rows) + 8 * 16 + exchange + 2 * sizes[-1] + copy
                             + biases)
                 assert spread_plan.scratch_floats(sizes, blocks, momentum) == expected, (hidden, blocks, momentum)
 
@@ -253,6 +257,29 @@ def test_every_block_order_and_weight_place_gives_the_same_bits(data100, hidden,
     for run in runs:
         options = dict(blocks=blocks, shared_weight_floats=capacities[0]) | run
         assert first_state_difference(expected, train_spread_epoch(data100, hidden, **options)) is None, run
+
+
+def test_the_prefetched_image_in_xs_buffer_or_its_own_gives_the_same_bits(data100, monkeypatch):
+    """841-1700-20-10: x's buffer (1700 floats) holds layer 0's input and the next image side by
+    side, so the kernel keeps no buffer of its own for the image; kept in one of its own instead
+    (the kernel's choice planted to false, the plan's scratch made as large), 2 launches of 5 images
+    with the weights partly in shared and partly in global memory end with the same bits."""
+    source = (KERNEL_DIR / SOURCE).read_text()
+    choice = "        const bool image_in_x = n_layers > 2 && 2 * sizes[0] <= max_in;\n"
+    assert source.count(choice) == 1
+    sizes = nets.layer_sizes([1700, 20])
+    assert spread_plan.image_floats(sizes) == 0
+    states = []
+    for name, text in (("in_x", source), ("own_buffer", source.replace(choice, choice.replace("n_layers > 2", "false")))):
+        if name == "own_buffer":
+            monkeypatch.setattr(spread_plan, "image_floats", lambda sizes: sizes[0])
+        trainer = spread_trainer(data100, config_for([1700, 20], 0.5, train_images=10), blocks=8,
+                                 shared_weight_floats=20 * 841)
+        trainer.kernel = planted_module(text, name).get_function(KERNEL)
+        trainer.launch_steps = 5
+        trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
+        states.append(trainer.get_state())
+    assert first_state_difference(*states) is None
 
 
 def planted_module(text, name):
