@@ -30,14 +30,22 @@
 // with a grid-wide barrier between the writes and the reads:
 //   forward:  owners write y_l[rows]               -> grid barrier -> every block reads all of y_l
 //   output:   every block computes the logits, the softmax and delta_out from all of y_{L-2}, the
-//             deltas of its own rows of layer L-2 from its copy of W_out, and its copy's step:
-//             no exchange;
+//             deltas of its own rows of layer L-2 from its copy of W_out, and (after the arrive)
+//             its copy's step: no exchange;
 //   backward: owners write partial_l[block, :]     -> grid barrier -> the owner of rows i0..i1 of
 //             layer l-1 loads partial_l[b', i0..i1) of every owner b' of layer l (one contiguous
 //             segment each) into shared memory, sums them and applies f'(y_{l-1}[i])
 // i.e. 2 L - 3 grid barriers per image for L >= 3 layers (L - 1 forward, L - 2 backward: none
 // after the output layer and none after layer 0). A net of L = 2 layers needs one after layer 0's
 // backward pass (below): 2.
+// Split barriers. A barrier that ends a backward phase (the output phase's, with the top hidden
+// layer's, and those of layers L-3 .. 1) is split (grid_sync.cuh): the block computes its partial
+// row from the weights not yet stepped (hidden_partials), ARRIVES, then takes the steps
+// (output_step on its copy of the output layer, hidden_step on its rows), which touch only its own
+// rows, copy and scratch, and WAITS. So the steps overlap the barrier's latency; the price is that
+// the weights of those layers are read twice (partials, then step) instead of once. The sums and
+// steps are the same operations as a fused walk: the bits do not change. Layer 0's step (no
+// partials, no barrier after it) and the forward barriers are whole.
 // L2 round trips a phase waits on (besides its grid barrier), per image, when every row of the
 // block is in registers or shared memory and without momentum:
 //   forward of layer 0: none (its image, sample, label and next sample are in shared memory:
@@ -52,9 +60,10 @@
 //     layer 0's phase, the next image, its label (labels[next]) and the sample after it
 //     (order[position + 2]), issued in one pass before one __syncthreads).
 // What adds waits: rows kept in global memory (W): in the forward pass each warp's rows one after
-// another (one wait per row of the warp, row_forward), in the step each column j of a thread
-// (ceil(n_in / 256) columns one after another) walks the memory rows in groups of SP_COLUMN_GROUP
-// = 4 rows, one wait per group that holds a global row. With momentum the hidden weights'
+// another (one wait per row of the warp, row_forward); in the partial pass each column j of a
+// thread (ceil(n_in / 256) columns one after another) reads its memory rows with loads only; in
+// the step each column walks the memory rows in groups of SP_COLUMN_GROUP = 4 rows, one wait per
+// group that holds a global row (after the arrive: they overlap the barrier). With momentum the hidden weights'
 // velocities (vW, global) are read in the step: every group of 4 memory rows waits once (shared
 // rows too), and the register tile's rows read theirs row after row in each column (up to
 // register_rows dependent waits per column: that walk is not grouped). The hidden biases'
@@ -64,10 +73,11 @@
 // phase of layer l + 1 or l - 1, which a barrier ends; y_{L-2} is last read by other blocks in the
 // output phase, and its next write (the next image's forward pass of layer L-2) comes after the
 // L - 2 >= 1 barriers of the backward passes of layers L-2 .. 1 — for L = 2 there are none, so the
-// output phase ends with a barrier there too. The next image is prefetched into `image` (shared, the
-// block's own) in layer 0's backward pass (L = 2: in the output phase), after this image's forward
-// pass of layer 0 (its only reader) has passed a __syncthreads; it is read in the next image's
-// forward pass of layer 0, after the __syncthreads that ends the phase. The first image of a launch
+// output phase ends with a barrier there too. The next image is prefetched into `image` (shared,
+// the block's own; in x's buffer beside layer 0's input where it fits) in layer 0's backward pass
+// (L = 2: in the output phase), after this image's forward pass of layer 0 (its only reader) has
+// passed a __syncthreads; it is read in the next image's forward pass of layer 0, after the
+// __syncthreads that ends the phase. The first image of a launch
 // is loaded at its start. The next image's label and the sample after it are fetched by thread 0 in
 // the same pass (`upcoming`, which only thread 0 touches) and moved into image_sample at the next
 // image's start.
