@@ -1016,8 +1016,8 @@ static void park_at_grid_barrier(int kind, int line) {
     switch_away();
 }
 
-// A misuse of barrier_arrive / barrier_wait by the running thread: `call` on `line` (0: the thread
-// exits) while its pending arrive is as it is.
+// Fails the launch for a misuse of barrier_arrive / barrier_wait by the running thread: `call` on
+// `line`, or with line 0 `call` is what the thread does ("exits"); names the thread's pending arrive.
 [[noreturn]] static void fail_split_barrier(const char *call, int line) {
     const int pending = S.fibers[S.current].pending_arrive_line;
     if (line) snprintf(S.message, S.message_size, "%s on line %d ", call, line);
