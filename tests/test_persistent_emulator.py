@@ -155,7 +155,8 @@ def test_flush_to_zero_holds_in_a_cooperative_launch(flush):
     np.testing.assert_array_equal(out, 0.0 if flush else tiny / 2)
 
 
-def test_the_grid_kernels_are_valid_cuda_for_nvrtc():
+@pytest.mark.parametrize("path", [SOURCE, SOURCE.with_name("split_barrier.cu")], ids=lambda path: path.name)
+def test_the_grid_kernels_are_valid_cuda_for_nvrtc(path):
     """With the toolkit's headers, where this machine has them (bare NVRTC has no
     <cooperative_groups.h>)."""
     nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
@@ -164,7 +165,7 @@ def test_the_grid_kernels_are_valid_cuda_for_nvrtc():
     include = next((Path(r) / "include" for r in roots if r and (Path(r) / "include" / "cooperative_groups.h").is_file()), None)
     if include is None:
         pytest.skip("no CUDA toolkit headers on this machine")
-    program = nvrtc.createProgram(SOURCE.read_text(), SOURCE.name, [], [])
+    program = nvrtc.createProgram(path.read_text(), path.name, [], [])
     try:
         # CUDA 13 keeps libcu++ (cuda/std/...), which the header includes, under include/cccl.
         nvrtc.compileProgram(program, ["-arch=sm_75", "-std=c++17", f"-I{include}", f"-I{include / 'cccl'}"])

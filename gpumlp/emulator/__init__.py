@@ -14,6 +14,14 @@ Checks, set per Module (and changeable between launches):
     bit for bit equal.
   * poison_shared (shared memory filled with NaN bytes before each block) and reverse_threads
     (threads of a block run last to first) make missing barriers show up as wrong results.
+  * split_barrier: "arrive" (the default) or "wait", where a cooperative launch puts the one grid
+    barrier of a split one, `auto token = this_grid().barrier_arrive(); ...;
+    this_grid().barrier_wait(std::move(token))` (each half also keeps CUDA's __syncthreads of the
+    block; the pair counts as one grid barrier). "arrive": a block that writes what other blocks
+    read after its arrive gets results that depend on the block order; "wait": so does a block
+    that reads other blocks' writes before its wait.
+    A thread's arrive while its last one awaits its wait, a wait without an arrive, and
+    this_grid().sync() or the thread's exit while an arrive awaits its wait raise EmulatorError.
 Deadlocks and crashes inside a kernel raise EmulatorError instead of hanging or killing Python.
 `Kernel.launch_cooperative` runs a cooperative launch: every block resident at once, with
 `cooperative_groups::this_grid().sync()` as a grid-wide barrier (gpumlp/emulator/cooperative.py),
@@ -39,9 +47,10 @@ __all__ = ["load_module", "load_module_source", "guarded_empty", "EmulatorError"
            "Kernel"]
 
 _MESSAGE_BYTES = 2048
-_POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK, _COOPERATIVE = 1, 2, 4, 8, 16
+_POISON_SHARED, _REVERSE_THREADS, _FLUSH_TO_ZERO, _MEMCHECK, _COOPERATIVE, _SPLIT_AT_WAIT = 1, 2, 4, 8, 16, 32
 _DIMENSIONS = struct.Struct("<6I")
 BLOCK_ORDERS = ("launch", "reverse", "random")   # scheduler.c enum block_order, in this order
+SPLIT_BARRIERS = ("arrive", "wait")   # which half of barrier_arrive / barrier_wait is the grid barrier
 
 # What a GPU accepts (every NVIDIA GPU since Kepler): threads per block, block and grid extents,
 # and the shared memory one block may have without cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -207,7 +216,7 @@ class Kernel:
         module = self.module
         flags = ((_POISON_SHARED if module.poison_shared else 0) | (_REVERSE_THREADS if module.reverse_threads else 0)
                  | (_FLUSH_TO_ZERO if module.flush_to_zero else 0) | (_MEMCHECK if module.memcheck else 0)
-                 | (_COOPERATIVE if cooperative else 0))
+                 | (_COOPERATIVE if cooperative else 0) | (_SPLIT_AT_WAIT if module.split_barrier == "wait" else 0))
         extents = self._packer.extents(args) if module.memcheck else None
         module.launches += 1
         seed = (module.block_order_seed * 0x9E3779B97F4A7C15 + module.launches) % 2**64
@@ -261,7 +270,7 @@ class Module:
     def __init__(self, source: str, name: str, include_dirs=(), source_dir: Path | None = None,
                  poison_shared: bool = False, reverse_threads: bool = False, memcheck: bool = True,
                  flush_to_zero: bool = True, block_order: str = "launch", block_order_seed: int = 0,
-                 compare_block_orders: bool = False):
+                 compare_block_orders: bool = False, split_barrier: str = "arrive"):
         _runtime()
         self.name = name
         self.poison_shared = poison_shared
@@ -271,6 +280,7 @@ class Module:
         self.block_order = block_order
         self.block_order_seed = block_order_seed
         self.compare_block_orders = compare_block_orders
+        self.split_barrier = split_barrier
         self.launches = 0
         self.library_path, kernels, self.compiled = build_module(source, name, include_dirs, source_dir)
         self._library = ctypes.CDLL(str(self.library_path))
@@ -294,6 +304,16 @@ class Module:
         if order not in BLOCK_ORDERS:
             raise ValueError(f"block_order must be one of {', '.join(BLOCK_ORDERS)}, got {order!r}")
         self._block_order = order
+
+    @property
+    def split_barrier(self) -> str:
+        return self._split_barrier
+
+    @split_barrier.setter
+    def split_barrier(self, half: str) -> None:
+        if half not in SPLIT_BARRIERS:
+            raise ValueError(f"split_barrier must be one of {', '.join(SPLIT_BARRIERS)}, got {half!r}")
+        self._split_barrier = half
 
     def static_shared_bytes(self, kernel: str) -> int:
         return self._static_shared.get(kernel, self._all_static_shared)

@@ -109,11 +109,26 @@ static constexpr int warpSize = 32;
 // ---- cooperative groups: the grid of a cooperative launch ---------------------------------------
 // The names of CUDA's <cooperative_groups.h> that the kernels use. this_grid().sync() is a barrier
 // of every thread of the grid; the scheduler refuses it outside a cooperative launch. The default
-// argument records the caller's line for deadlock reports.
+// argument records the caller's line for deadlock reports. barrier_arrive() and
+// barrier_wait(token) are the two halves of one grid barrier (CUDA 12's split barrier): the
+// scheduler makes one of them the real barrier (the launch's SPLIT_AT_WAIT flag) and checks that
+// every thread pairs them. The token carries nothing: the scheduler keeps each thread's pending
+// arrive itself (CUDA's own token is an unsigned int that only the block's first thread uses).
 extern "C" GPUMLP_EXPORT void gpumlp_grid_sync(int line);
+extern "C" GPUMLP_EXPORT void gpumlp_grid_arrive(int line);
+extern "C" GPUMLP_EXPORT void gpumlp_grid_wait(int line);
 namespace cooperative_groups {
 struct grid_group {
+    struct arrival_token {};
     void sync(int line = __builtin_LINE()) const { gpumlp_grid_sync(line); }
+    arrival_token barrier_arrive(int line = __builtin_LINE()) const {
+        gpumlp_grid_arrive(line);
+        return arrival_token();
+    }
+    void barrier_wait(arrival_token &&token, int line = __builtin_LINE()) const {
+        (void)token;
+        gpumlp_grid_wait(line);
+    }
     unsigned long long num_threads() const {
         return (unsigned long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x * blockDim.y * blockDim.z;
     }

@@ -10,7 +10,8 @@
 // subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
 // argument is copied between guard pages for the launch, so an access past either end faults and
 // is reported with the argument and the element index. A cooperative launch (flag COOPERATIVE)
-// keeps every block resident, with this_grid().sync() as a grid-wide barrier.
+// keeps every block resident, with this_grid().sync() as a grid-wide barrier and barrier_arrive /
+// barrier_wait as a split one, of which the flag SPLIT_AT_WAIT makes the wait the real barrier.
 #include "cuda_compat.h"
 
 #include <pthread.h>
@@ -27,6 +28,23 @@
 
 enum { MAX_THREADS = 1024, STACK_BYTES = 256 * 1024 };
 enum fiber_state { RUNNABLE, AT_BARRIER, AT_WARP_OP, EXITED, AT_GRID_BARRIER };
+// Which barrier a fiber waits at: the reductions of gpumlp_barrier (all __syncthreads), then the
+// scheduler's own. CUDA's barrier_arrive and barrier_wait each include a __syncthreads of the block
+// (cooperative_groups/details/sync.h: sync_grids_arrive, sync_grids_wait); the half that is not the
+// grid barrier keeps that block barrier.
+enum barrier_kind {
+    BLOCK_OF_ARRIVE = GPUMLP_BARRIER_OR + 1, BLOCK_OF_WAIT,
+    GRID_SYNC, GRID_ARRIVE, GRID_WAIT
+};
+
+static const char *barrier_name(int kind) {
+    switch (kind) {
+    case BLOCK_OF_ARRIVE: case GRID_ARRIVE: return "barrier_arrive";
+    case BLOCK_OF_WAIT: case GRID_WAIT: return "barrier_wait";
+    case GRID_SYNC: return "this_grid().sync()";
+    default: return "__syncthreads";
+    }
+}
 
 // ---- context switching -------------------------------------------------------------------------
 #if defined(__x86_64__) && !defined(GPUMLP_FORCE_UCONTEXT)
@@ -97,8 +115,9 @@ struct fiber {
     fiber_context context;
     int state;
     int barrier_line;
-    int barrier_reduction;
+    int barrier_kind;          // enum barrier_kind
     int predicate;
+    int pending_arrive_line;   // of the thread's barrier_arrive that awaits its barrier_wait; 0: none
     warp_op op;
     uint3 index;
 };
@@ -141,6 +160,7 @@ static struct {
     int requested;        // the launch in progress is cooperative
     int active;           // its blocks are running (this_grid().sync() is allowed)
     int parked;           // threads of the running block waiting at the grid barrier
+    int split_at_wait;    // barrier_wait, not barrier_arrive, is the grid barrier of the pair
     unsigned long long grid_barriers;   // grid barriers the launch has passed (gpumlp_grid_barriers)
 } C;
 
@@ -243,24 +263,30 @@ static void append_thread_ranges(Predicate selected) {
     }
 }
 
-// Lists what every unfinished thread waits for; the threads are grouped by barrier line or op.
+// Lists what every unfinished thread waits for; the threads are grouped by barrier and line, or op.
 static void append_thread_states(void) {
-    int lines[8], line_count = 0, warp_kinds_seen = 0;
+    struct barrier_group { int state; const char *name; int line; } groups[8];
+    int group_count = 0, warp_kinds_seen = 0;
+    auto in_group = [](const fiber *f, const barrier_group &g) {
+        return f->state == g.state && !strcmp(barrier_name(f->barrier_kind), g.name) && f->barrier_line == g.line;
+    };
     for (int tid = 0; tid < S.thread_count; ++tid) {
         fiber *f = &S.fibers[tid];
-        if (f->state == AT_BARRIER) {
+        if (f->state == AT_BARRIER || f->state == AT_GRID_BARRIER) {
             int known = 0;
-            for (int i = 0; i < line_count; ++i) known |= lines[i] == f->barrier_line;
-            if (!known && line_count < 8) lines[line_count++] = f->barrier_line;
+            for (int i = 0; i < group_count; ++i) known |= in_group(f, groups[i]);
+            if (!known && group_count < 8)
+                groups[group_count++] = {f->state, barrier_name(f->barrier_kind), f->barrier_line};
         } else if (f->state == AT_WARP_OP) {
             warp_kinds_seen |= 1 << f->op.kind;
         }
     }
     const char *separator = "";
-    for (int i = 0; i < line_count; ++i) {
+    for (int i = 0; i < group_count; ++i) {
+        if (groups[i].state != AT_BARRIER) continue;
         append("%sthreads ", separator);
-        append_thread_ranges([&](int t) { return S.fibers[t].state == AT_BARRIER && S.fibers[t].barrier_line == lines[i]; });
-        append(" wait at __syncthreads on line %d", lines[i]);
+        append_thread_ranges([&](int t) { return in_group(&S.fibers[t], groups[i]); });
+        append(" wait at %s on line %d", groups[i].name, groups[i].line);
         separator = "; ";
     }
     for (int kind = 0; kind <= GPUMLP_ALL; ++kind) {
@@ -270,10 +296,11 @@ static void append_thread_states(void) {
         append(" wait at %s", warp_op_name(kind));
         separator = "; ";
     }
-    if (C.parked) {
+    for (int i = 0; i < group_count; ++i) {
+        if (groups[i].state != AT_GRID_BARRIER) continue;
         append("%sthreads ", separator);
-        append_thread_ranges([](int t) { return S.fibers[t].state == AT_GRID_BARRIER; });
-        append(" wait at this_grid().sync()");
+        append_thread_ranges([&](int t) { return in_group(&S.fibers[t], groups[i]); });
+        append(" wait at %s on line %d", groups[i].name, groups[i].line);
         separator = "; ";
     }
     if (S.exited) {
@@ -287,11 +314,11 @@ static void append_thread_states(void) {
 static int position_of(int tid) { return S.reverse_order ? S.thread_count - 1 - tid : tid; }
 
 static void release_barrier(void) {
-    int line = S.fibers[0].barrier_line, reduction = S.fibers[0].barrier_reduction;
+    int line = S.fibers[0].barrier_line, reduction = S.fibers[0].barrier_kind;
     int count = 0, diverged = 0;
     for (int tid = 0; tid < S.thread_count; ++tid) {
         fiber *f = &S.fibers[tid];
-        diverged |= f->barrier_line != line || f->barrier_reduction != reduction;
+        diverged |= f->barrier_line != line || f->barrier_kind != reduction;
         count += f->predicate;
     }
     if (diverged) {
@@ -313,7 +340,7 @@ extern "C" GPUMLP_EXPORT int gpumlp_barrier(int line, int reduction, int predica
     fiber *f = &S.fibers[S.current];
     f->state = AT_BARRIER;
     f->barrier_line = line;
-    f->barrier_reduction = reduction;
+    f->barrier_kind = reduction;
     f->predicate = predicate != 0;
     if (++S.barrier_arrived == S.thread_count) release_barrier();
     switch_away();
@@ -388,8 +415,11 @@ extern "C" GPUMLP_EXPORT unsigned long long gpumlp_warp_op(int kind, unsigned in
 }
 
 // ---- running a block ---------------------------------------------------------------------------
+[[noreturn]] static void fail_split_barrier(const char *call, int line);
+
 static void fiber_main(void) {
     S.entry(S.arguments);
+    if (S.fibers[S.current].pending_arrive_line) fail_split_barrier("exits", 0);
     S.fibers[S.current].state = EXITED;
     ++S.exited;
     switch_away();
@@ -409,6 +439,7 @@ static int run_block(void) {
         context_prepare(&f->context, S.stacks + tid * S.stack_stride + S.stack_stride - STACK_BYTES, STACK_BYTES,
                         fiber_main);
         f->state = RUNNABLE;
+        f->pending_arrive_line = 0;
         f->index = uint3{tid % blockDim.x, tid / blockDim.x % blockDim.y, tid / (blockDim.x * blockDim.y)};
     }
     S.exited = S.barrier_arrived = S.deadlocked = S.progressed = S.position = 0;
@@ -879,7 +910,8 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
                                            unsigned long long seed, const unsigned long long *slots,
                                            int argument_count, const gpumlp_argument_extent *extents,
                                            char *message, size_t message_size) {
-    enum { POISON_SHARED = 1, REVERSE_THREADS = 2, FLUSH_TO_ZERO = 4, MEMCHECK = 8, COOPERATIVE = 16 };
+    enum { POISON_SHARED = 1, REVERSE_THREADS = 2, FLUSH_TO_ZERO = 4, MEMCHECK = 8, COOPERATIVE = 16,
+           SPLIT_AT_WAIT = 32 };
     const unsigned int *grid = dimensions, *block = dimensions + 3;
     pthread_mutex_lock(&launch_lock);
     S.message = message;
@@ -887,6 +919,7 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     message[0] = 0;
     S.failed = 0;
     C.requested = (flags & COOPERATIVE) != 0;
+    C.split_at_wait = (flags & SPLIT_AT_WAIT) != 0;
     C.active = C.parked = 0;
     C.grid_barriers = 0;
     unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
@@ -968,15 +1001,62 @@ static struct {
     size_t capacity_blocks, capacity_shared;
 } CS;
 
-extern "C" GPUMLP_EXPORT void gpumlp_grid_sync(int line) {
+static void require_cooperative(const char *call, int line) {
     if (!C.active)
-        fail("this_grid().sync() on line %d in a launch that is not cooperative: launch the kernel with "
-             "launch_cooperative (on a GPU, cudaLaunchCooperativeKernel)", line);
+        fail("%s on line %d in a launch that is not cooperative: launch the kernel with launch_cooperative "
+             "(on a GPU, cudaLaunchCooperativeKernel)", call, line);
+}
+
+static void park_at_grid_barrier(int kind, int line) {
     fiber *f = &S.fibers[S.current];
     f->state = AT_GRID_BARRIER;
+    f->barrier_kind = kind;
     f->barrier_line = line;
     ++C.parked;
     switch_away();
+}
+
+// Fails the launch for a misuse of barrier_arrive / barrier_wait by the running thread: `call` on
+// `line`, or with line 0 `call` is what the thread does ("exits"); names the thread's pending arrive.
+[[noreturn]] static void fail_split_barrier(const char *call, int line) {
+    const int pending = S.fibers[S.current].pending_arrive_line;
+    if (line) snprintf(S.message, S.message_size, "%s on line %d ", call, line);
+    else snprintf(S.message, S.message_size, "a thread %s ", call);
+    if (pending) append("while its barrier_arrive on line %d has no barrier_wait yet", pending);
+    else append("without a barrier_arrive before it");
+    append(" (block (%u,%u,%u), thread (%u,%u,%u)): ", blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y,
+           threadIdx.z);
+    append(pending ? "every barrier_arrive of a thread needs its barrier_wait before the thread's next grid barrier "
+                     "or its exit"
+                   : "a thread's barrier_wait completes its own barrier_arrive");
+    abandon_launch();
+}
+
+extern "C" GPUMLP_EXPORT void gpumlp_grid_sync(int line) {
+    require_cooperative("this_grid().sync()", line);
+    if (S.fibers[S.current].pending_arrive_line) fail_split_barrier("this_grid().sync()", line);
+    park_at_grid_barrier(GRID_SYNC, line);
+}
+
+// The two halves of a split grid barrier: by default barrier_arrive is the grid barrier (a block
+// that writes what others read after its arrive shows), with SPLIT_AT_WAIT barrier_wait is (a block
+// that reads what others write before its wait shows). The other half keeps CUDA's block barrier.
+extern "C" GPUMLP_EXPORT void gpumlp_grid_arrive(int line) {
+    require_cooperative("barrier_arrive", line);
+    fiber *f = &S.fibers[S.current];
+    if (f->pending_arrive_line) fail_split_barrier("barrier_arrive", line);
+    f->pending_arrive_line = line;
+    if (C.split_at_wait) gpumlp_barrier(line, BLOCK_OF_ARRIVE, 0);
+    else park_at_grid_barrier(GRID_ARRIVE, line);
+}
+
+extern "C" GPUMLP_EXPORT void gpumlp_grid_wait(int line) {
+    require_cooperative("barrier_wait", line);
+    fiber *f = &S.fibers[S.current];
+    if (!f->pending_arrive_line) fail_split_barrier("barrier_wait", line);
+    f->pending_arrive_line = 0;
+    if (C.split_at_wait) park_at_grid_barrier(GRID_WAIT, line);
+    else gpumlp_barrier(line, BLOCK_OF_WAIT, 0);
 }
 
 static int allocate_cooperative(size_t blocks, size_t threads, size_t shared) {
@@ -1038,22 +1118,32 @@ static void append_block_ranges(int blocks, Predicate selected) {
     }
 }
 
+// Whether a thread of block `b` waits at the grid barrier `kind` on `line`.
+static int block_waits_at(int b, int threads, int kind, int line) {
+    for (int t = 0; t < threads; ++t) {
+        const fiber *f = &CS.fibers[(size_t)b * threads + t];
+        if (f->state == AT_GRID_BARRIER && f->barrier_kind == kind && f->barrier_line == line) return 1;
+    }
+    return 0;
+}
+
 // After a phase every block's threads wait at the grid barrier or have exited. Returns 1 when all
 // of them wait at the same barrier (then they are released), 0 when every thread exited, and fails
 // the launch otherwise.
 static int release_grid_barrier(int blocks, int threads) {
-    int waiting = 0, line = -1, mixed_lines = 0;
+    int waiting = 0, line = -1, kind = -1, mixed = 0;
     for (int b = 0; b < blocks; ++b)
         for (int t = 0; t < threads; ++t) {
             const fiber *f = &CS.fibers[(size_t)b * threads + t];
             if (f->state != AT_GRID_BARRIER) continue;
-            mixed_lines |= waiting && f->barrier_line != line;
-            line = f->barrier_line;
+            if (!waiting) line = f->barrier_line, kind = f->barrier_kind;
+            mixed |= f->barrier_line != line || f->barrier_kind != kind;
             ++waiting;
         }
     if (waiting == 0) return 0;
-    if (waiting != blocks * threads || mixed_lines) {
-        snprintf(S.message, S.message_size, "deadlock at the grid barrier (this_grid().sync() on line %d): blocks ", line);
+    if (waiting != blocks * threads || mixed) {
+        snprintf(S.message, S.message_size, "deadlock at the grid barrier (%s on line %d): blocks ",
+                 barrier_name(kind), line);
         append_block_ranges(blocks, [&](int b) { return CS.exited[b] < threads; });
         append(" wait");
         if (waiting != blocks * threads) {
@@ -1061,7 +1151,23 @@ static int release_grid_barrier(int blocks, int threads) {
             append_block_ranges(blocks, [&](int b) { return CS.exited[b] > 0; });
             append(" have exited");
         } else {
-            append(" at different grid barriers");
+            // each barrier (at most 4) with the blocks that have threads at it
+            struct { int kind, line; } seen[4];
+            int seen_count = 0;
+            for (size_t i = 0; i < (size_t)blocks * threads && seen_count < 4; ++i) {
+                int known = 0;
+                for (int j = 0; j < seen_count; ++j)
+                    known |= seen[j].kind == CS.fibers[i].barrier_kind && seen[j].line == CS.fibers[i].barrier_line;
+                if (!known) seen[seen_count++] = {CS.fibers[i].barrier_kind, CS.fibers[i].barrier_line};
+            }
+            append(" at different grid barriers (");
+            for (int j = 0; j < seen_count; ++j) {
+                append(j ? "; blocks " : "blocks ");
+                append_block_ranges(blocks,
+                                    [&](int b) { return block_waits_at(b, threads, seen[j].kind, seen[j].line); });
+                append(" at %s on line %d", barrier_name(seen[j].kind), seen[j].line);
+            }
+            append(")");
         }
         append("; every thread of the grid must reach the same grid barrier");
         S.failed = 1;
@@ -1103,6 +1209,7 @@ static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modu
             char *stack = CS.stacks + ((size_t)b * threads + t) * stride;
             context_prepare(&f->context, stack + stride - STACK_BYTES, STACK_BYTES, fiber_main);
             f->state = RUNNABLE;
+            f->pending_arrive_line = 0;
             f->index = uint3{t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
         }
         CS.exited[b] = 0;
