@@ -231,10 +231,11 @@ def test_a_few_epochs_track_the_graph_engines_loss_and_error(data100):
 
 # ---- the same bits in every block order and wherever the weights are kept -----------------------
 
-def train_spread_epoch(data, hidden, block_order="launch", reverse_threads=False, **options):
+def train_spread_epoch(data, hidden, block_order="launch", reverse_threads=False, split_barrier="arrive", **options):
     trainer = spread_trainer(data, config_for(hidden, 0.5, train_images=30), **options)
     module = trainer.kernel.module
     module.block_order, module.block_order_seed = block_order, 3
+    module.split_barrier = split_barrier
     module.reverse_threads = module.poison_shared = reverse_threads
     trainer.partial[...] = np.nan   # what fresh device memory may hold
     trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
@@ -247,12 +248,14 @@ def train_spread_epoch(data, hidden, block_order="launch", reverse_threads=False
     ([37], 3, (0, None)),
 ], ids=["mixed-2-blocks", "odd-5-blocks", "one-hidden-layer-3-blocks"])
 def test_every_block_order_and_weight_place_gives_the_same_bits(data100, hidden, blocks, capacities):
-    """Between grid barriers blocks run in launch, reverse and shuffled order, threads of a block
+    """Between grid barriers blocks run in launch, reverse and shuffled order (the split barriers'
+    one grid barrier at the arrive, and in shuffled order also at the wait), threads of a block
     last to first on poisoned shared memory, and the weights sit in shared memory, partly in global
     memory or all there (None: every non-register row in shared memory): where a weight is kept must not change an operation, so every run ends
     with identical weights and velocities."""
     expected = train_spread_epoch(data100, hidden, blocks=blocks, shared_weight_floats=capacities[0])
-    runs = [dict(block_order="reverse"), dict(block_order="random"), dict(reverse_threads=True)]
+    runs = [dict(block_order="reverse"), dict(block_order="random"), dict(reverse_threads=True),
+            dict(block_order="random", split_barrier="wait")]
     runs += [dict(shared_weight_floats=c) for c in capacities[1:]]
     for run in runs:
         options = dict(blocks=blocks, shared_weight_floats=capacities[0]) | run
@@ -300,6 +303,32 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
     planted = planted.replace(wait, "                if (top)\n    " + wait + "                else\n"
                               "                    __syncthreads();\n")
     states = {}   # planted: only the barrier after the top hidden layer's backward pass is left
+    for name, text in (("as_is", source), ("planted", planted)):
+        module = planted_module(text, name)
+        for block_order in ("launch", "random"):
+            trainer = spread_trainer(data100, config_for(ODD, 0.5, train_images=20), blocks=4)
+            trainer.kernel = module.get_function(KERNEL)
+            module.block_order, module.block_order_seed = block_order, 5
+            trainer.partial[...] = np.nan
+            trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
+            states[name, block_order] = trainer.get_state()
+    expected = states["as_is", "launch"]
+    assert first_state_difference(expected, states["as_is", "random"]) is None
+    assert first_state_difference(expected, states["planted", "launch"]) is not None
+    assert first_state_difference(expected, states["planted", "random"]) is not None
+
+
+def test_partials_published_after_the_arrive_are_caught(data100):
+    """The partial row is written before the split barrier's arrive, because other blocks read it
+    right after the barrier. Planted after the arrive (the emulator's grid barrier is at the arrive),
+    the other blocks' next phase runs before it in some block order: launch and shuffled order end
+    with other weights than the kernel as it is."""
+    source = (KERNEL_DIR / SOURCE).read_text()
+    partials = "                if (l > 0 && p.rows > 0)\n                    hidden_partials(wreg, p, tiled, s.delta);\n"
+    arrive = "                GridArrival arrival = grid_arrive(barrier);\n"
+    assert source.count(partials + arrive) == 1
+    planted = source.replace(partials + arrive, arrive + partials)
+    states = {}
     for name, text in (("as_is", source), ("planted", planted)):
         module = planted_module(text, name)
         for block_order in ("launch", "random"):
