@@ -55,13 +55,18 @@ class Phase:
     bound: str
 
 
+def resource_times(shared_bytes, global_bytes, flops, global_bandwidth, device: ModelDevice) -> dict[str, float]:
+    """One block's shared, global and FP32 times for some work, by the resource's name."""
+    return {"shared memory": shared_bytes / device.shared_bandwidth_per_sm,
+            "L2/HBM bandwidth": global_bytes / global_bandwidth,
+            "FP32": flops / (128 * 2 * device.clock_hz)}
+
+
 def phase_cost(name, rows, shared_bytes, global_bytes, flops, global_bandwidth, device: ModelDevice,
                round_trips: int = 1) -> Phase:
     """One block's phase: the longest of its shared, global and FP32 times, plus its L2 round trips
     (the global reads that wait for each other or for a barrier: one unless told)."""
-    times = {"shared memory": shared_bytes / device.shared_bandwidth_per_sm,
-             "L2/HBM bandwidth": global_bytes / global_bandwidth,
-             "FP32": flops / (128 * 2 * device.clock_hz)}
+    times = resource_times(shared_bytes, global_bytes, flops, global_bandwidth, device)
     bound = max(times, key=times.get)
     if times[bound] < device.l2_round_trip_seconds:
         bound = "latency"

@@ -8,8 +8,12 @@ on the modelled device.
 
 One block per SM (G = SMs blocks of spread_plan.THREADS threads). A phase is the work between two
 grid barriers; it lasts as long as its slowest block, so every block's phase is costed
-(engine_model.phase_cost) and the slowest kept. The phases of an image, as cuda_kernels/mlp_spread.cu
-runs them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.grid_syncs_per_image).
+(engine_model.phase_cost) and the slowest kept. A barrier that ends a phase holding a hidden layer's
+update is split (arrive, then wait: grid_group::barrier_arrive / barrier_wait): the blocks arrive
+before the steps and take them while the barrier completes, so such a phase costs its slowest block
+up to the arrive (with its L2 round trips) plus the longer of one barrier and the slowest block's
+work after the arrive (SPLIT_BARRIER). The phases of an image, as cuda_kernels/mlp_spread.cu runs
+them (2 L - 3 grid barriers for L >= 3 layers, 2 for L = 2; spread_plan.grid_syncs_per_image).
 The biases of the block's hidden rows (and their velocities, with momentum) live in the scratch for
 the whole launch, and block 0 keeps the loss and error totals in shared memory: no phase reads or
 writes them in global memory.
@@ -23,17 +27,23 @@ writes them in global memory.
   L = 2 the image, the next image and thread 0's label of the next image and sample after it); the
   logits warp per class, the softmax (block 0 adds the loss and error to its totals in shared memory
   and writes the logits), the deltas of the block's rows of layer L-2 from W_out and delta_out
-  (thread per row, no partial sums), the copy's step (W_out, b_out and their velocities, all in
-  shared memory), then the update of the block's rows of layer L-2 (below); a grid barrier;
+  (thread per row, no partial sums); for L >= 3 the partial pass of the block's rows of layer L-2
+  (below); the arrive; then the copy's step (W_out, b_out and their velocities, all in shared memory)
+  and the step pass of the block's rows of layer L-2 (below); the wait;
 - backward l, hidden layers L-3 .. 0: one pass of loads: for every owner b' of layer l + 1 the
   contiguous segment partial_{l+1}[b', i0..i1) of the block's rows into a shared tile (the 32-byte
   sectors covering each segment), the rows' y (for f'), x = y_{l-1} (layer 0: the image, the next
   image from HBM, and thread 0's label of the next image and sample after it); after a block barrier
-  each row's delta from the tile (warp per row, lanes over the owners); then the update: for every
-  column one fmaf chain down the block's rows, which reads delta[r] from shared memory for every
-  weight (a broadcast: one wavefront per warp), reads and writes each weight where it lives (and its
-  velocity in global memory, with momentum), and writes the block's partial row (n_in) for l >= 1;
-  then the biases' steps in shared memory; a grid barrier after every backward phase but layer 0's.
+  each row's delta from the tile (warp per row, lanes over the owners); then, for l >= 1, the partial
+  pass, the arrive, the step pass and the wait; layer 0 keeps one walk that takes the steps (the
+  step pass's traffic, with the chain of the old weights computed beside it) and no barrier follows.
+The partial pass (layer l >= 1): for every column one fmaf chain of the old weights times delta down
+the block's rows, which reads delta[r] from shared memory for every weight (a broadcast: one
+wavefront per warp) and each weight where it lives (register tile, shared rows, global rows), writes
+no weight and reads no x, and writes the block's partial row (n_in). The step pass: for every column
+x[j] read once, delta[r] again for every weight, each weight read and written where it lives (and
+its velocity in global memory, with momentum); then the biases' steps in shared memory. So the
+weights of a layer with partials are read twice per image in the backward pass, once fused before.
 Shared-memory traffic is counted in wavefronts of 128 bytes (the SM's bandwidth per clock): a
 warp's access moves 128 bytes, a broadcast or one-lane access costs the same clock.
 L2 round trips: the global reads a block's phase waits for after a barrier, as the kernel orders
@@ -42,11 +52,13 @@ in global memory, read after x's block barrier. The first image of a launch wait
 start for thread 0's cursor, then order[start], then its label (3 dependent waits), then loads its
 image in forward 0: 4 round trips, printed apart. The loads and stores of the shared memory fill
 and write-back at the start and end of a launch are spread over its images and left out.
-The update's column walk (NOT_COUNTED): per column, the memory rows (shared rows, then global rows)
-in groups of 4 whose loads are issued together: one serial L2 wait per group that holds a global
-row, with momentum one per group (the velocities are in global memory), and with momentum one per
-register row (the register tile's velocity walk is not grouped); counted apart and printed beside
-the figure, not in it.
+The column walks (NOT_COUNTED): per column, the memory rows (shared rows, then global rows) in
+groups of 4 whose loads are issued together: one serial L2 wait per group that holds a global row;
+in the step pass (and layer 0's walk) with momentum one per group (the velocities are in global
+memory) and one per register row (the register tile's velocity walk is not grouped); the partial
+pass, with no stores, could issue a column's loads all together but is counted like the others.
+Counted apart and printed beside the figure, not in it, as are the L2 waits of the work after an
+arrive.
 """
 from __future__ import annotations
 
@@ -54,7 +66,8 @@ from dataclasses import dataclass
 
 from gpumlp import compile_gate, nets
 from gpumlp.device import KERNEL_DIR
-from gpumlp.engine_model import F32, H100_SXM, ModelDevice, Phase, closing_lines, global_share, mb, phase_cost
+from gpumlp.engine_model import (F32, H100_SXM, ModelDevice, Phase, closing_lines, global_share, mb, phase_cost,
+                                  resource_times)
 from gpumlp.errors import UserError
 from gpumlp.gpu_limits import arch_limits, theoretical_occupancy
 from gpumlp.spread_plan import (REGISTER_COLUMNS, REGISTER_ROWS, THREADS, block_rows, block_storage,
@@ -63,27 +76,56 @@ from gpumlp.spread_plan import (REGISTER_COLUMNS, REGISTER_ROWS, THREADS, block_
 from gpumlp.train_spread import KERNEL, SOURCE, plan_launch, storage_line
 
 WARPS = THREADS // 32
-NOT_COUNTED = ("latency within a phase beyond its L2 round trips: the update's column walk (hidden_update, "
-               "memory_column_update) waits on L2 in series, per column once per group of 4 memory rows that "
-               "holds a row in global memory, and with momentum once per group of 4 memory rows (the "
-               "velocities) and once per register row (the register tile's velocity walk is not grouped); "
+NOT_COUNTED = ("latency within a phase beyond its L2 round trips: the column walks wait on L2 in series, per "
+               "column once per group of 4 memory rows that holds a row in global memory (the partial pass: its "
+               "loads in a column are issued together, and counted the same), and the step pass and backward 0's "
+               "walk with momentum once per group of 4 memory rows (the velocities) and once per register row (the "
+               "register tile's velocity walk is not grouped); "
                "the issue slots of the multiplies and subtractions beside the FMAs; thread 0's single-word "
                "shared accesses (the sample, label and upcoming sample; block 0's loss and error totals); "
                "the shared memory's fill and write-back once per launch")
+SPLIT_BARRIER = ("a barrier whose phase holds a hidden layer's update is split: every block arrives after its "
+                 "partial pass (the top layer: after its deltas, for one hidden layer) and steps the weights "
+                 "(and the output layer's copy) before it waits; the barrier's 1 us is latency a block can spend "
+                 "on its own work after it arrived, so the phase takes its slowest block up to the arrive (with "
+                 "its L2 round trips) plus the longer of the barrier and the slowest block's work after the "
+                 "arrive (its L2 waits not counted, as the walks' are not): an upper bound where the two "
+                 "slowest are different blocks")
 WAVEFRONT = 128     # bytes: one shared-memory access of a warp, one clock of the SM's shared memory
 SECTOR = 32         # bytes: the unit L2 sends; a lone 4-byte load costs one
 COLUMN_GROUP = 4    # memory rows of a column whose loads the update issues together (SP_COLUMN_GROUP)
 
 
 @dataclass
+class AfterArrive:
+    """The work a phase ending with a split barrier does between the arrive and the wait."""
+    cost: Phase             # of the slowest block after the arrive (no L2 round trip: NOT_COUNTED)
+    block: int              # which block that is
+    register_bytes: int     # weight bytes that block reads and writes in its register tile
+    walk_waits: int         # the most serial L2 waits of any block's step pass (not in the cost)
+
+
+@dataclass
 class SpreadPhase:
-    cost: Phase             # of the slowest block
+    cost: Phase             # of the slowest block, up to the barrier (up to the arrive of a split barrier)
     block: int              # which block that is
     blocks: int             # the blocks working in this phase
     register_bytes: int     # weight bytes the slowest block reads and writes in its register tile
     partial_tile_bytes: int  # of the slowest block's global bytes: its partial tile's sectors
     round_trips: int
     walk_waits: int          # the most serial L2 waits of any block's column walk (not in the cost)
+    ends_with: str           # "grid barrier", "split barrier" or "no barrier"
+    after_arrive: AfterArrive | None = None   # a split barrier's work between its arrive and its wait
+
+    def beyond_barrier(self, barrier_seconds: float) -> float:
+        """What the work after the arrive adds beyond the barrier's latency, which it overlaps."""
+        return max(0.0, self.after_arrive.cost.seconds - barrier_seconds) if self.after_arrive else 0.0
+
+    def seconds(self, barrier_seconds: float) -> float:
+        """The phase with the barrier that ends it."""
+        if self.ends_with == "no barrier":
+            return self.cost.seconds
+        return self.cost.seconds + barrier_seconds + self.beyond_barrier(barrier_seconds)
 
 
 @dataclass
@@ -146,19 +188,42 @@ def _forward(sizes, l, storage, rows, first_image) -> _BlockWork:
     return work
 
 
-def _update(work, sizes, l, storage, rows, write_partial, momentum) -> None:
-    """Adds the step of the block's rows of hidden layer l (hidden_update) to `work`."""
+def _partial_pass(work, sizes, l, storage, rows) -> None:
+    """Adds the partial pass of the block's rows of hidden layer l >= 1 (before the arrive) to
+    `work`: for every column one fmaf chain of the old weights times delta down the rows, each
+    weight read where it lives and none written, delta[r] a broadcast per weight, no x; the
+    block's partial row (n_in) written."""
+    n_in = sizes[l]
+    reg, shared, global_ = storage.register_rows[l], storage.shared_rows[l], storage.global_rows[l]
+    work.register_bytes += F32 * reg * n_in
+    work.shared_bytes += WAVEFRONT * _warp_accesses(n_in) * (rows + shared)              # delta[r]; W
+    work.exchange_bytes += F32 * n_in                                                    # the partial row
+    work.resident_bytes += F32 * global_ * n_in                                          # W rows
+    work.flops += 2 * rows * n_in
+    work.walk_waits += -(-n_in // THREADS) * column_walk_waits(reg, shared, global_, False)
+
+
+def _step_pass(work, sizes, l, storage, rows, momentum) -> None:
+    """Adds the step of the block's rows of hidden layer l to `work`: for every column x[j] read
+    once, delta[r] a broadcast per weight, each weight read and written where it lives (and its
+    velocity in global memory, with momentum); then the biases' steps in the scratch."""
     n_in = sizes[l]
     reg, shared, global_ = storage.register_rows[l], storage.shared_rows[l], storage.global_rows[l]
     work.register_bytes += 2 * F32 * reg * n_in
     work.shared_bytes += WAVEFRONT * _warp_accesses(n_in) * (1 + rows + 2 * shared)   # x[j]; delta[r]; W
     # the biases' steps in the scratch: delta read, the bias (and its velocity) read and written
     work.shared_bytes += WAVEFRONT * _warp_accesses(rows) * (3 + (2 if momentum else 0))
-    work.exchange_bytes += F32 * n_in if write_partial else 0                            # the partial row
     velocities = 2 * F32 * rows * n_in if momentum else 0
     work.resident_bytes += 2 * F32 * global_ * n_in + velocities                         # W rows, vW rows
-    work.flops += (2 + (5 if momentum else 3)) * rows * n_in + (5 if momentum else 3) * rows
+    work.flops += (5 if momentum else 3) * rows * (n_in + 1)
     work.walk_waits += -(-n_in // THREADS) * column_walk_waits(reg, shared, global_, momentum)
+
+
+def _fused_update(work, sizes, l, storage, rows, momentum) -> None:
+    """Adds backward 0's single walk (hidden_update) to `work`: the step pass, with the fmaf chain of
+    the old weights it computes beside the steps (layer 0 writes no partial row)."""
+    _step_pass(work, sizes, l, storage, rows, momentum)
+    work.flops += 2 * rows * sizes[l]
 
 
 def column_walk_waits(register_rows: int, shared_rows: int, global_rows: int, momentum: bool) -> int:
@@ -172,8 +237,9 @@ def column_walk_waits(register_rows: int, shared_rows: int, global_rows: int, mo
     return (memory_rows - 1) // COLUMN_GROUP - shared_rows // COLUMN_GROUP + 1 if global_rows else 0
 
 
-def _output(sizes, storage, rows, block, momentum) -> _BlockWork:
-    """The output phase of one block: `rows` of the top hidden layer (L-2) are its own."""
+def _output(sizes, storage, rows, block, momentum) -> tuple[_BlockWork, _BlockWork]:
+    """The output phase of one block, before the arrive and after it: `rows` of the top hidden layer
+    (L-2) are its own."""
     n_classes, n_in, top_in = sizes[-1], sizes[-2], sizes[-3]
     one_hidden = len(sizes) == 3
     work = _BlockWork(rows, round_trips=1)   # the load pass
@@ -189,17 +255,23 @@ def _output(sizes, storage, rows, block, momentum) -> _BlockWork:
         work.exchange_bytes += SECTOR * _sectors(0, n_classes)
     # the top layer's deltas, thread per row: W_out[c][i] and delta_out[c] for every class, y, delta
     work.shared_bytes += WAVEFRONT * _warp_accesses(rows) * (2 * n_classes + 2)
-    # the copy's step: W_out (and vW_out) read and written, x and delta_out read; then b_out
+    work.flops = (2 * n_in + 5) * n_classes + 2 * n_classes * rows
+    if rows and not one_hidden:
+        _partial_pass(work, sizes, len(sizes) - 3, storage, rows)
+    # after the arrive, the copy's step: W_out (and vW_out) read and written, x and delta_out read;
+    # then b_out; then the step of the block's rows of the top layer
     velocity = 2 if momentum else 0
-    work.shared_bytes += WAVEFRONT * ((4 + velocity) * _warp_accesses(n_classes * n_in)
-                                      + (3 + velocity) * _warp_accesses(n_classes))
-    work.flops = (2 * n_in + 5) * n_classes + 2 * n_classes * rows + (5 if momentum else 3) * n_classes * (n_in + 1)
-    _update(work, sizes, len(sizes) - 3, storage, rows, not one_hidden, momentum)
-    return work
+    after = _BlockWork(rows, shared_bytes=WAVEFRONT * ((4 + velocity) * _warp_accesses(n_classes * n_in)
+                                                       + (3 + velocity) * _warp_accesses(n_classes)),
+                       flops=(5 if momentum else 3) * n_classes * (n_in + 1))
+    if rows:
+        _step_pass(after, sizes, len(sizes) - 3, storage, rows, momentum)
+    return work, after
 
 
-def _backward(sizes, l, storage, rows, block, blocks, momentum) -> _BlockWork:
-    """Backward l of a hidden layer below the top one (its deltas from the partial sums of l + 1)."""
+def _backward(sizes, l, storage, rows, block, blocks, momentum) -> tuple[_BlockWork, _BlockWork | None]:
+    """Backward l of a hidden layer below the top one (its deltas from the partial sums of l + 1):
+    before the arrive and after it (None for layer 0, whose single walk no barrier follows)."""
     n_in = sizes[l]
     begin, _ = block_rows(sizes, l, block, blocks)
     above = len(owners(sizes, l + 1, blocks))
@@ -213,8 +285,13 @@ def _backward(sizes, l, storage, rows, block, blocks, momentum) -> _BlockWork:
     # each row's delta: lanes over the G owners' slots of the tile, then y and delta by lane 0
     work.shared_bytes += WAVEFRONT * rows * (_warp_accesses(blocks) + 2)
     work.flops = rows * (above + 2)
-    _update(work, sizes, l, storage, rows, l > 0, momentum)
-    return work
+    if l == 0:
+        _fused_update(work, sizes, l, storage, rows, momentum)
+        return work, None
+    _partial_pass(work, sizes, l, storage, rows)
+    after = _BlockWork(rows)
+    _step_pass(after, sizes, l, storage, rows, momentum)
+    return work, after
 
 
 class _ModelledLaunchDevice:
@@ -264,15 +341,29 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
                               + activations)   # what an image touches there: the biases are in the scratch
     from_hbm = in_global_memory > device.l2_bytes
 
-    def phase(name, works) -> SpreadPhase:
-        """The slowest of the blocks' `works` ({block: _BlockWork}) in one phase."""
+    def phase(name, works, ends_with, after=None) -> SpreadPhase:
+        """The slowest of the blocks' `works` ({block: _BlockWork}) in one phase, up to its barrier
+        (a split barrier's arrive), and the slowest of their work `after` the arrive."""
         bandwidth = global_share(device, len(works), from_hbm)
         costs = {b: phase_cost(name, w.rows, w.shared_bytes, w.exchange_bytes + w.resident_bytes, w.flops,
                                bandwidth, device, w.round_trips) for b, w in works.items()}
         slowest = max(costs, key=lambda b: costs[b].seconds)
         w = works[slowest]
         return SpreadPhase(costs[slowest], slowest, len(works), w.register_bytes, w.partial_tile_bytes, w.round_trips,
-                           max(v.walk_waits for v in works.values()))
+                           max(v.walk_waits for v in works.values()), ends_with,
+                           None if after is None else after_arrive(name, after, bandwidth))
+
+    def after_arrive(name, works, bandwidth) -> AfterArrive:
+        """The slowest block's work between the arrive and the wait: its longest time, no round trip."""
+        def cost(w):
+            times = resource_times(w.shared_bytes, w.exchange_bytes + w.resident_bytes, w.flops, bandwidth, device)
+            bound = max(times, key=times.get)
+            return Phase(name, w.rows, w.shared_bytes, w.exchange_bytes + w.resident_bytes, w.flops, times[bound],
+                         bound)
+        costs = {b: cost(w) for b, w in works.items()}
+        slowest = max(costs, key=lambda b: costs[b].seconds)
+        return AfterArrive(costs[slowest], slowest, works[slowest].register_bytes,
+                           max(w.walk_waits for w in works.values()))
 
     def rows_of(l, b):
         begin, end = block_rows(sizes, l, b, grid)
@@ -291,20 +382,32 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
     def forward(l, first_image):
         return {b: _forward(sizes, l, storages[b], rows_of(l, b), first_image) for b in range(grid) if rows_of(l, b)}
 
-    phases = [phase(f"forward {l}", working(forward(l, False))) for l in range(last)]
-    phases.append(phase(f"output (forward {last}, softmax, backward {last}, backward {last - 1})",
-                        working({b: _output(sizes, storages[b], rows_of(last - 1, b), b, momentum)
-                                 for b in range(grid)})))
-    phases += [phase(f"backward {l}", working({b: _backward(sizes, l, storages[b], rows_of(l, b), b, grid, momentum)
-                                               for b in range(grid) if rows_of(l, b)}))
-               for l in reversed(range(last - 1))]
-    first_image = phase("forward 0 (a launch's first image)", forward(0, True))
+    def split(name, works):
+        """A phase that ends with a split barrier: works is {block: (before the arrive, after it)}."""
+        return phase(name, working({b: w for b, (w, _) in works.items()}), "split barrier",
+                     working({b: a for b, (_, a) in works.items()}))
+
+    phases = [phase(f"forward {l}", working(forward(l, False)), "grid barrier") for l in range(last)]
+    phases.append(split(f"output (forward {last}, softmax, backward {last}, backward {last - 1})",
+                        {b: _output(sizes, storages[b], rows_of(last - 1, b), b, momentum) for b in range(grid)}))
+    backward = {l: {b: _backward(sizes, l, storages[b], rows_of(l, b), b, grid, momentum)
+                    for b in range(grid) if rows_of(l, b)} for l in reversed(range(last - 1))}
+    phases += [split(f"backward {l}", works) if l else
+               phase(f"backward {l}", working({b: w for b, (w, _) in works.items()}), "no barrier")
+               for l, works in backward.items()]
+    first_image = phase("forward 0 (a launch's first image)", forward(0, True), "grid barrier")
     syncs = grid_syncs_per_image(sizes)
+    barrier = device.grid_sync_seconds
+    assert syncs == sum(p.ends_with != "no barrier" for p in phases)
     compute = sum(p.cost.seconds for p in phases)
     round_trips = sum(p.round_trips for p in phases) * device.l2_round_trip_seconds
-    parts = {"grid barriers": syncs * device.grid_sync_seconds, "L2 round trips": round_trips,
-             "the phases' traffic and FLOPs": compute - round_trips}
-    slowest = max(phases, key=lambda p: p.cost.seconds)
+    beyond = sum(p.beyond_barrier(barrier) for p in phases)
+    parts = {"grid barriers": syncs * barrier, "L2 round trips": round_trips,
+             "the phases' traffic and FLOPs up to their barrier's arrive": compute - round_trips,
+             "the work after the arrives beyond the barrier": beyond}
+    slowest = max(phases, key=lambda p: p.cost.seconds + p.beyond_barrier(barrier))
+    slowest_bound = slowest.cost.bound + (f"; after the arrive {slowest.after_arrive.cost.bound}"
+                                          if slowest.beyond_barrier(barrier) else "")
     return {
         "net": nets.describe(sizes), "sizes": list(sizes), "weights": weights, "arch": arch, "device": device.name,
         "momentum": momentum, "grid": grid, "threads": THREADS, "registers": used.registers,
@@ -319,12 +422,14 @@ def model(sizes, arch: str = "sm_90", momentum: bool = False, device: ModelDevic
         "hidden_biases": hidden_biases, "global_home": "HBM" if from_hbm else "L2",
         "bytes_in_registers": totals["register"], "bytes_on_chip": totals["shared"], "bytes_l2": totals["l2"],
         "bytes_hbm": totals["hbm"], "grid_syncs": syncs, "sync_seconds": parts["grid barriers"],
-        "round_trip_seconds": round_trips, "compute_seconds": compute,
-        "per_image_seconds": compute + parts["grid barriers"], "phases": phases, "parts": parts,
+        "split_barriers": sum(p.ends_with == "split barrier" for p in phases), "barrier_seconds": barrier,
+        "round_trip_seconds": round_trips, "compute_seconds": compute, "beyond_barrier_seconds": beyond,
+        "per_image_seconds": sum(p.seconds(barrier) for p in phases), "phases": phases, "parts": parts,
         "first_image_phase": first_image,
-        "walk_wait_seconds": sum(p.walk_waits for p in phases) * device.l2_round_trip_seconds,
+        "walk_wait_seconds": sum(p.walk_waits + (p.after_arrive.walk_waits if p.after_arrive else 0)
+                                 for p in phases) * device.l2_round_trip_seconds,
         "first_image_extra_seconds": first_image.cost.seconds - phases[0].cost.seconds,
-        "bound": max(parts, key=parts.get), "slowest_phase": f"{slowest.cost.name} ({slowest.cost.bound})",
+        "bound": max(parts, key=parts.get), "slowest_phase": f"{slowest.cost.name} ({slowest_bound})",
     }
 
 
@@ -389,27 +494,43 @@ def render(m: dict) -> str:
         f"| bytes from on-chip shared memory (128-B wavefronts) | {mb(m['bytes_on_chip'])} |",
         f"| bytes from L2 | {mb(m['bytes_l2'])} |",
         f"| bytes from HBM | {mb(m['bytes_hbm'])} |",
-        f"| grid-wide syncs | {m['grid_syncs']} ({m['sync_seconds'] * 1e6:.1f} us) |",
-        f"| phases (slowest block each) | {m['compute_seconds'] * 1e6:.1f} us, of which L2 round trips "
-        f"{m['round_trip_seconds'] * 1e6:.1f} us |",
+        f"| grid-wide syncs | {m['grid_syncs']} ({m['sync_seconds'] * 1e6:.1f} us), {m['split_barriers']} of them "
+        f"split (arrive / wait) |",
+        f"| phases up to their barrier's arrive (slowest block each) | {m['compute_seconds'] * 1e6:.1f} us, of which "
+        f"L2 round trips {m['round_trip_seconds'] * 1e6:.1f} us |",
+        f"| work after the split barriers' arrives, beyond the barrier | {m['beyond_barrier_seconds'] * 1e6:.2f} us |",
         f"| expected time | {per_image * 1e6:.1f} us |",
         f"| a launch's first image, on top ({LAUNCH_START_WAITS} dependent L2 waits at the launch start: cursor, "
         f"sample, label; then its forward 0 loads the image: {first.round_trips} L2 round trips in all) "
         f"| {m['first_image_extra_seconds'] * 1e6:.2f} us |",
         "",
+        "up to the barrier (a split barrier's arrive):",
+        "",
         "| phase | blocks | slowest block | its rows | its register bytes | its shared bytes | its L2/HBM bytes "
         "| of which partial tile | its FLOPs | L2 round trips | us | bound | column walk's serial L2 waits "
-        "(not counted) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "(not counted) | ends with | us with its barrier |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
+    barrier = m["barrier_seconds"]
     lines += [f"| {p.cost.name} | {p.blocks} | {p.block} | {p.cost.rows} | {p.register_bytes:,} "
               f"| {p.cost.shared_bytes:,} | {p.cost.global_bytes:,} | {p.partial_tile_bytes:,} | {p.cost.flops:,} "
-              f"| {p.round_trips} | {p.cost.seconds * 1e6:.2f} | {p.cost.bound} | {p.walk_waits} |"
-              for p in m["phases"]]
+              f"| {p.round_trips} | {p.cost.seconds * 1e6:.2f} | {p.cost.bound} | {p.walk_waits} | {p.ends_with} "
+              f"| {p.seconds(barrier) * 1e6:.2f} |" for p in m["phases"]]
+    lines += ["", f"after a split barrier's arrive (the steps), beside the barrier's {barrier * 1e6:.1f} us:", "",
+              "| phase | slowest block | its register bytes | its shared bytes | its L2/HBM bytes | its FLOPs | us "
+              "| bound | of the barrier used | beyond the barrier, us | step pass's serial L2 waits (not counted) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {p.cost.name} | {a.block} | {a.register_bytes:,} | {a.cost.shared_bytes:,} | {a.cost.global_bytes:,} "
+              f"| {a.cost.flops:,} | {a.cost.seconds * 1e6:.2f} | {a.cost.bound} "
+              f"| {min(a.cost.seconds, barrier) * 1e6:.2f} us ({min(a.cost.seconds / barrier, 1):.0%}) "
+              f"| {p.beyond_barrier(barrier) * 1e6:.2f} | {a.walk_waits} |"
+              for p in m["phases"] if (a := p.after_arrive) is not None]
     parts = "; ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in m["parts"].items())
     lines += ["", *closing_lines(per_image, f"{m['bound']} ({parts}; slowest phase {m['slowest_phase']})"),
               f"L2 round trips here: the waits on L2 of each phase's slowest block, as counted in the table "
               f"(not one per phase)",
-              f"not counted: {NOT_COUNTED}; the column walks' serial L2 waits alone (the table's last column, "
-              f"most of any block in each phase) would add {m['walk_wait_seconds'] * 1e6:.1f} us if nothing hid them"]
+              f"split barriers: {SPLIT_BARRIER}",
+              f"not counted: {NOT_COUNTED}; the column walks' serial L2 waits alone (the tables' columns, most of "
+              f"any block in each phase and after each arrive) would add {m['walk_wait_seconds'] * 1e6:.1f} us if "
+              f"nothing hid them"]
     return "\n".join(lines)

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from gpumlp import nets, profile, spread_plan
+from gpumlp import gpu_limits, nets, profile, spread_model, spread_plan
 from gpumlp.engine_model import F32, H100_SXM
-from gpumlp.spread_model import LAUNCH_START_WAITS, SECTOR, column_walk_waits, model, partial_tile_sectors
+from gpumlp.spread_model import LAUNCH_START_WAITS, SECTOR, WAVEFRONT, column_walk_waits, model, partial_tile_sectors
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc")   # registers come from the compile gate
 
@@ -42,19 +42,128 @@ def test_net_4_keeps_most_of_its_weights_on_chip_and_net_1_all():
     assert (m1["grid"], m1["blocks_per_sm"]) == (H100_SXM.sms, 1)
 
 
-@pytest.mark.parametrize("net", [1, 4])
-def test_the_barriers_are_2l_minus_3_and_the_time_is_the_phases_plus_them(net):
+@pytest.mark.parametrize("net,momentum", [(1, False), (4, False), (4, True)])
+def test_the_barriers_are_2l_minus_3_and_the_time_is_the_phases_plus_them(net, momentum):
+    """Plain barriers after the forwards, split ones after the output phase and backward L-3 .. 1,
+    none after backward 0; a split barrier costs the longer of itself and the work after its arrive."""
     sizes = paper_net(net)
     layers = len(sizes) - 1
-    m = model(sizes)
+    m = model(sizes, momentum=momentum)
     assert m["grid_syncs"] == 2 * layers - 3 == spread_plan.grid_syncs_per_image(sizes)
     # the hidden forwards, one output phase, the backward of the hidden layers below the top one
-    names = [p.cost.name for p in m["phases"]]
+    phases = m["phases"]
+    names = [p.cost.name for p in phases]
     assert len(names) == 2 * layers - 2 and names[layers - 1].startswith(f"output (forward {layers - 1}, softmax")
-    assert m["per_image_seconds"] == pytest.approx(sum(p.cost.seconds for p in m["phases"]) + m["grid_syncs"] * 1e-6)
+    assert [p.ends_with for p in phases] == (["grid barrier"] * (layers - 1) + ["split barrier"] * (layers - 2)
+                                             + ["no barrier"])
+    assert m["split_barriers"] == layers - 2
+    assert all((p.after_arrive is None) == (p.ends_with != "split barrier") for p in phases)
+    split = [p for p in phases if p.after_arrive is not None]
+    expected = (sum(p.cost.seconds for p in phases) + sum(max(1e-6, p.after_arrive.cost.seconds) for p in split)
+                + (layers - 1) * 1e-6)
+    assert m["per_image_seconds"] == pytest.approx(expected)
     assert sum(m["parts"].values()) == pytest.approx(m["per_image_seconds"])
-    # every block computes the output layer on its own copy
-    assert m["phases"][layers - 1].blocks == m["grid"]
+    assert sum(p.seconds(1e-6) for p in phases) == pytest.approx(m["per_image_seconds"])
+    # every block computes the output layer on its own copy, and steps it after the arrive
+    assert phases[layers - 1].blocks == m["grid"]
+
+
+def test_work_after_the_arrive_adds_only_its_excess_over_the_barrier():
+    """Net 1's steps after the arrive all fit in the barrier's 1 us: the time is the phases up to
+    their arrive plus the barriers. Net 4 with momentum steps for longer than 1 us after every
+    arrive: each adds exactly its excess, and a longer barrier hides more of it."""
+    light = model(paper_net(1))
+    assert all(p.after_arrive.cost.seconds < 1e-6 for p in light["phases"] if p.after_arrive)
+    assert light["beyond_barrier_seconds"] == 0
+    assert light["per_image_seconds"] == pytest.approx(light["compute_seconds"] + light["grid_syncs"] * 1e-6)
+    heavy = model(paper_net(4), momentum=True)
+    split = [p for p in heavy["phases"] if p.after_arrive]
+    assert all(p.after_arrive.cost.seconds > 1e-6 for p in split)
+    for p in split:
+        assert p.seconds(1e-6) - p.cost.seconds - 1e-6 == pytest.approx(p.after_arrive.cost.seconds - 1e-6)
+    assert heavy["beyond_barrier_seconds"] == pytest.approx(sum(p.after_arrive.cost.seconds - 1e-6 for p in split))
+    assert heavy["parts"]["the work after the arrives beyond the barrier"] == heavy["beyond_barrier_seconds"]
+    slow = dataclasses.replace(H100_SXM, grid_sync_seconds=2e-6)
+    slower = model(paper_net(4), momentum=True, device=slow)
+    hidden = sum(min(p.after_arrive.cost.seconds, 2e-6) - 1e-6 for p in split)
+    assert slower["per_image_seconds"] - heavy["per_image_seconds"] == pytest.approx(
+        heavy["grid_syncs"] * 1e-6 - hidden)
+
+
+def test_a_layer_with_partials_reads_its_weights_once_more_before_the_arrive():
+    """Net 4's backward 3 (1500 inputs, 7-8 rows per block, some in shared memory and some in
+    global memory): the partial pass reads every weight where it lives and delta[r] per weight and
+    writes the partial row, no x; the step pass reads x[j] once per column, delta[r] per weight,
+    and reads and writes every weight."""
+    sizes, blocks = paper_net(4), H100_SXM.sms
+    m = model(sizes)
+    backward_3 = m["phases"][6]
+    assert backward_3.cost.name == "backward 3"
+    n_in = sizes[3]
+    columns = -(-n_in // 32)   # warp accesses of a row
+    before, after = backward_3, backward_3.after_arrive
+    storage = m["storages"][before.block]
+    begin, end = spread_plan.block_rows(sizes, 3, before.block, blocks)
+    rows, shared, global_ = end - begin, storage.shared_rows[3], storage.global_rows[3]
+    assert global_ > 0 and shared > 0
+    tile = SECTOR * partial_tile_sectors(sizes, 3, before.block, blocks)
+    y_sectors = len({F32 * f // SECTOR for f in range(begin, end)})
+    assert before.cost.global_bytes == tile + SECTOR * y_sectors + F32 * n_in + F32 * n_in + F32 * global_ * n_in
+    owners = len(spread_plan.owners(sizes, 4, blocks))
+    load_and_deltas = WAVEFRONT * (-(-owners * rows // 32) + 1 + columns + rows * (-(-blocks // 32) + 2))
+    assert before.cost.shared_bytes == load_and_deltas + WAVEFRONT * columns * (rows + shared)
+    a_storage = m["storages"][after.block]
+    a_begin, a_end = spread_plan.block_rows(sizes, 3, after.block, blocks)
+    a_rows = a_end - a_begin
+    assert after.cost.global_bytes == 2 * F32 * a_storage.global_rows[3] * n_in
+    assert after.cost.shared_bytes == WAVEFRONT * (columns * (1 + a_rows + 2 * a_storage.shared_rows[3]) + 3)
+    # the register tile (layer 1, 15-16 rows of 2500 in every block): read in the
+    # forward pass and the partial pass, read and written in the step pass
+    assert m["bytes_in_registers"] == 4 * F32 * m["floats_in_registers"] == 80_000_000
+    # net 1's register layer is layer 0: no partials, one walk, so read once forward, once read and written
+    one = model(paper_net(1))
+    assert one["register_layer"] == 0 and one["bytes_in_registers"] == 3 * F32 * one["floats_in_registers"]
+
+
+def test_every_weight_moved_to_global_memory_crosses_l2_four_times_three_in_layer_0(monkeypatch):
+    """The same kernel with the smaller shared memory per SM of sm_80 and sm_86 (less room: more
+    rows in global memory, layers 4, 3, 2 first, then layer 0): the exchanges are the same, so the
+    L2 bytes differ by the weights moved, 4 bytes each read forward, read by the partial pass, read
+    and written by the step pass; layer 0 (no partials, one walk) 3 times."""
+    sizes = paper_net(4)
+    base = model(sizes)
+    sm_90 = gpu_limits.arch_limits("sm_90")
+    for arch in ("sm_80", "sm_86"):
+        smaller = dataclasses.replace(sm_90, shared_per_sm=gpu_limits.arch_limits(arch).shared_per_sm)
+        monkeypatch.setattr(spread_model, "arch_limits", lambda _arch, limits=smaller: limits)
+        m = model(sizes)
+        assert m["grid"] == base["grid"] and m["register_layer"] == base["register_layer"]
+        layer_0 = sum(s.global_rows[0] for s in m["storages"]) * sizes[0]
+        assert sum(s.global_rows[0] for s in base["storages"]) == 0
+        moved = m["floats_in_global"] - base["floats_in_global"] - layer_0
+        assert moved > 0
+        assert m["bytes_l2"] - base["bytes_l2"] == 4 * F32 * moved + 3 * F32 * layer_0
+    assert layer_0 > 0   # sm_86 moves rows of layer 0 too
+
+
+def test_one_hidden_layer_arrives_after_the_deltas_and_steps_both_layers_after():
+    """841-500-10: the top hidden layer is layer 0, no partials: the output phase's barrier is split,
+    and the output copy's step and layer 0's step come after the arrive."""
+    sizes = [841, 500, 10]
+    m = model(sizes)
+    assert [p.ends_with for p in m["phases"]] == ["grid barrier", "split barrier"] and m["grid_syncs"] == 2
+    output = m["phases"][1]
+    # before the arrive: y_0, the image, the next image, the next label and the sample after it (and
+    # block 0's logits, two sectors); no partial row, no weight of layer 0 read
+    logits = 2 * SECTOR if output.block == 0 else 0
+    assert output.cost.global_bytes == F32 * (500 + 841 + 841) + 2 * SECTOR + logits
+    assert output.register_bytes == 0 and output.walk_waits == 0
+    # after it: the copy's step (10 x 501) and layer 0's (its 3-4 rows in the register tile, and biases)
+    after = output.after_arrive
+    register_rows = m["storages"][after.block].register_rows[0]
+    assert m["register_layer"] == 0 and register_rows in (3, 4)
+    assert after.register_bytes == 2 * F32 * register_rows * 841 and after.cost.global_bytes == 0
+    assert after.cost.flops == 3 * 10 * 501 + 3 * register_rows * 842
 
 
 def test_forward_0_of_a_launchs_later_images_waits_on_nothing():
@@ -121,11 +230,17 @@ def test_the_column_walks_serial_l2_waits_are_the_global_groups_and_with_momentu
     assert backward_0.cost.name == "backward 0"
     # layer 0 is net 1's register layer (every row in the tile): one wait per row, 841 columns: 4 per thread
     assert backward_0.walk_waits == 4 * spread_plan.max_block_rows(sizes, 0, blocks)
-    assert heavy["walk_wait_seconds"] == pytest.approx(sum(p.walk_waits for p in heavy["phases"]) * 0.3e-6)
     # net 4, the output phase (layer 4: 1000 inputs, 3-4 rows per block, some in global memory): one
     # group of memory rows per column, 4 columns per thread
     output = model(paper_net(4))["phases"][5]
     assert output.cost.name.startswith("output") and output.walk_waits == 4
+    # the partial pass (above) and the step pass after the arrive walk the same groups
+    assert output.after_arrive.walk_waits == 4
+    # with momentum the step pass waits on every group's velocities, the partial pass only on its global rows
+    heavy_output = model(paper_net(4), momentum=True)["phases"][5]
+    assert heavy_output.walk_waits == 4 and heavy_output.after_arrive.walk_waits == 4   # 4 rows or fewer: 1 group
+    assert heavy["walk_wait_seconds"] == pytest.approx(
+        sum(p.walk_waits + (p.after_arrive.walk_waits if p.after_arrive else 0) for p in heavy["phases"]) * 0.3e-6)
 
 
 def test_more_l2_bandwidth_never_slows_it():
@@ -148,8 +263,8 @@ def test_momentum_keeps_the_output_velocities_in_shared_memory_and_the_hidden_on
     assert heavy["floats_in_registers"] == plain["floats_in_registers"]   # velocities take no room in registers
 
 
-@pytest.mark.parametrize("net,syncs", [(1, 3), (4, 9)])
-def test_the_command_prints_the_table(capsys, net, syncs):
+@pytest.mark.parametrize("net,syncs,split", [(1, 3, 1), (4, 9, 4)])
+def test_the_command_prints_the_table(capsys, net, syncs, split):
     assert profile.main(["--net", str(net), "--engine", "spread", "--arch", "sm_90"]) == 0
     out = capsys.readouterr().out
     assert f"| grid-wide syncs | {syncs} (" in out
@@ -157,6 +272,10 @@ def test_the_command_prints_the_table(capsys, net, syncs):
         assert f"| {line} |" in out
     assert "replicated in every block's shared memory" in out and "storage per block (train_spread): " in out
     assert "registers/thread" in out and "block/SM resident" in out and "bound by" in out
+    # per phase, up to the arrive and after it, and how much of the barrier the steps used
+    assert "| ends with | us with its barrier |" in out and "| of the barrier used | beyond the barrier, us |" in out
+    assert out.count("| split barrier |") == split and "split barriers: " in out
+    assert "the work after the arrives beyond the barrier" in out
     last = out.rstrip().splitlines()[-1]
     assert last.startswith("the persistent engine's model, same net: ") and "persistent / spread = " in last
 
