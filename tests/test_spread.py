@@ -289,6 +289,25 @@ def planted_module(text, name):
     return load_module_source(text, name=name, include_dirs=[KERNEL_DIR], poison_shared=True)
 
 
+def assert_planted_fault_shows(data, source, planted):
+    """One epoch of ODD on 4 blocks from partial sums poisoned to NaN: the kernel as it is gives the
+    same bits in launch and shuffled block order; the planted one differs from it in both."""
+    states = {}
+    for name, text in (("as_is", source), ("planted", planted)):
+        module = planted_module(text, name)
+        for block_order in ("launch", "random"):
+            trainer = spread_trainer(data, config_for(ODD, 0.5, train_images=20), blocks=4)
+            trainer.kernel = module.get_function(KERNEL)
+            module.block_order, module.block_order_seed = block_order, 5
+            trainer.partial[...] = np.nan
+            trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
+            states[name, block_order] = trainer.get_state()
+    expected = states["as_is", "launch"]
+    assert first_state_difference(expected, states["as_is", "random"]) is None
+    assert first_state_difference(expected, states["planted", "launch"]) is not None
+    assert first_state_difference(expected, states["planted", "random"]) is not None
+
+
 def test_a_planted_missing_grid_sync_is_caught(data100):
     """Without the grid barrier after the backward partials of the hidden layers below the top one
     (ODD: layer 1; its arrive and wait become block barriers), the owners of the layer below read
@@ -302,20 +321,8 @@ def test_a_planted_missing_grid_sync_is_caught(data100):
     planted = source.replace(arrive, "                GridArrival arrival = top ? grid_arrive(barrier) : GridArrival{};\n")
     planted = planted.replace(wait, "                if (top)\n    " + wait + "                else\n"
                               "                    __syncthreads();\n")
-    states = {}   # planted: only the barrier after the top hidden layer's backward pass is left
-    for name, text in (("as_is", source), ("planted", planted)):
-        module = planted_module(text, name)
-        for block_order in ("launch", "random"):
-            trainer = spread_trainer(data100, config_for(ODD, 0.5, train_images=20), blocks=4)
-            trainer.kernel = module.get_function(KERNEL)
-            module.block_order, module.block_order_seed = block_order, 5
-            trainer.partial[...] = np.nan
-            trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
-            states[name, block_order] = trainer.get_state()
-    expected = states["as_is", "launch"]
-    assert first_state_difference(expected, states["as_is", "random"]) is None
-    assert first_state_difference(expected, states["planted", "launch"]) is not None
-    assert first_state_difference(expected, states["planted", "random"]) is not None
+    # planted: only the barrier after the top hidden layer's backward pass is left
+    assert_planted_fault_shows(data100, source, planted)
 
 
 def test_partials_published_after_the_arrive_are_caught(data100):
@@ -328,20 +335,7 @@ def test_partials_published_after_the_arrive_are_caught(data100):
     arrive = "                GridArrival arrival = grid_arrive(barrier);\n"
     assert source.count(partials + arrive) == 1
     planted = source.replace(partials + arrive, arrive + partials)
-    states = {}
-    for name, text in (("as_is", source), ("planted", planted)):
-        module = planted_module(text, name)
-        for block_order in ("launch", "random"):
-            trainer = spread_trainer(data100, config_for(ODD, 0.5, train_images=20), blocks=4)
-            trainer.kernel = module.get_function(KERNEL)
-            module.block_order, module.block_order_seed = block_order, 5
-            trainer.partial[...] = np.nan
-            trainer.train_epoch(1, 0.01, epoch_order(0, 1, trainer.n_train))
-            states[name, block_order] = trainer.get_state()
-    expected = states["as_is", "launch"]
-    assert first_state_difference(expected, states["as_is", "random"]) is None
-    assert first_state_difference(expected, states["planted", "launch"]) is not None
-    assert first_state_difference(expected, states["planted", "random"]) is not None
+    assert_planted_fault_shows(data100, source, planted)
 
 
 def test_every_blocks_copy_of_the_output_layer_holds_the_same_bits(data100):
