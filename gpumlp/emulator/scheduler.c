@@ -9,7 +9,8 @@
 // threads run last to first, blocks run in launch order, reversed or in a seeded random order,
 // subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
 // argument is copied between guard pages for the launch, so an access past either end faults and
-// is reported with the argument and the element index. A cooperative launch (flag COOPERATIVE)
+// is reported with the argument and the element index, and the pages past the launch's dynamic
+// shared memory are guarded (a sub-page tail by a checked fill pattern). A cooperative launch (flag COOPERATIVE)
 // keeps every block resident, with this_grid().sync() as a grid-wide barrier and barrier_arrive /
 // barrier_wait as a split one, of which the flag SPLIT_AT_WAIT makes the wait the real barrier.
 #include "cuda_compat.h"
