@@ -162,9 +162,10 @@ def test_a_cooperative_launch_keeps_each_blocks_shared_memory_up_to_the_end(guar
 def test_a_cooperative_launch_catches_a_write_past_the_end(guard, threads):
     offset = 4 * threads
     found = r"\(found after the block ran" if threads == 32 else r"thread \(0,0,0\)"
-    with pytest.raises(EmulatorError, match=rf"kernel 'keep_across_grid_barrier'.*wrote past the {offset:,} bytes "
-                                            rf"of dynamic shared memory the launch gives \(byte offset {offset:,} "
-                                            rf"of the dynamic shared memory\) \(memcheck\) in block \(0,0,0\).*{found}"):
+    message = (rf"kernel 'keep_across_grid_barrier'.*wrote past the {offset:,} bytes of dynamic shared memory the "
+               rf"launch gives \(byte offset {offset:,} of the dynamic shared memory\) \(memcheck\) in block "
+               rf"\(0,0,0\).*{found}")
+    with pytest.raises(EmulatorError, match=message):
         keep(guard, 3, threads, threads, offset)
 
 

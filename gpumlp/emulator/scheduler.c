@@ -9,10 +9,11 @@
 // threads run last to first, blocks run in launch order, reversed or in a seeded random order,
 // subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
 // argument is copied between guard pages for the launch, so an access past either end faults and
-// is reported with the argument and the element index, and the pages past the launch's dynamic
-// shared memory are guarded (a sub-page tail by a checked fill pattern). A cooperative launch (flag COOPERATIVE)
-// keeps every block resident, with this_grid().sync() as a grid-wide barrier and barrier_arrive /
-// barrier_wait as a split one, of which the flag SPLIT_AT_WAIT makes the wait the real barrier.
+// is reported with the argument and the element index; the pages past the launch's dynamic shared
+// memory are guarded too (their sub-page tail by a fill pattern checked after each block). A
+// cooperative launch (flag COOPERATIVE) keeps every block resident, with this_grid().sync() as a
+// grid-wide barrier and barrier_arrive / barrier_wait as a split one, of which the flag
+// SPLIT_AT_WAIT makes the wait the real barrier.
 #include "cuda_compat.h"
 
 #include <pthread.h>
@@ -812,7 +813,7 @@ static struct {
     unsigned char fill;
 } DS;
 
-// The page fill pattern of the tail, memcmp'd in page-size steps against the tail.
+// 4 KiB of each fill pattern of the tail (poison, canary), for memcmp against the tail in steps.
 static unsigned char fill_page[2][4096];
 
 // Protects the buffer's whole pages from the first page boundary at or past `accessible` bytes
