@@ -5,7 +5,16 @@ Each CUDA thread of a block runs as a fiber, so barriers and warp operations kee
 Checks, set per Module (and changeable between launches):
   * memcheck (on by default): every array argument lies between guard pages during the launch
     (arrays from guarded_empty always do; others are copied there and back); an out-of-bounds
-    read or write raises EmulatorError naming the kernel, argument and index.
+    read or write raises EmulatorError naming the kernel, argument and index. It guards the
+    launch's dynamic shared memory too (ordinary and cooperative launches): the whole pages past
+    the `shared_mem` bytes it gives are PROT_NONE, so an access there raises "wrote past (read
+    past) the N bytes of dynamic shared memory the launch gives (byte offset K of the dynamic
+    shared memory)" with the block and thread; the bytes between `shared_mem` and that page
+    boundary hold a fill pattern checked after each block ran (a write there raises the same
+    message with the block, after it ran), and a read there sees the pattern: 0xFF bytes (NaN)
+    with poison_shared, else the canary 0xA5. With shared_mem=0 any access to it raises (4 KiB
+    pages: the buffer is page-aligned). A write of the fill pattern itself into that tail and an
+    access before the buffer's start go unseen; memcheck off lifts the guard.
   * flush_to_zero (on by default): subnormal floats count as zero, as CuPy's -ftz=true compiles.
   * launch limits of a GPU: the kernel's __launch_bounds__, 1024 threads, block z <= 64, grid y
     and z <= 65535, static + dynamic shared memory <= 48 KiB without the opt-in attribute.

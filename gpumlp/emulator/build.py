@@ -35,6 +35,10 @@ COMPILE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "
 
 # The most dynamic shared memory one block may have on the largest GPUs (H100: 227 KiB).
 DYNAMIC_SHARED_CAPACITY = 227 * 1024
+# The module's dynamic shared memory buffer: the capacity rounded up to whole 4 KiB pages, then a
+# guard zone that memcheck keeps PROT_NONE even for the largest launch (scheduler.c).
+DYNAMIC_SHARED_GUARD_BYTES = 64 * 1024
+DYNAMIC_SHARED_MAPPED = -(-DYNAMIC_SHARED_CAPACITY // 4096) * 4096 + DYNAMIC_SHARED_GUARD_BYTES
 
 _COMMENT_OR_LITERAL = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _PREPROCESSOR_LINE = re.compile(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", re.M)
@@ -110,9 +114,11 @@ def glue_code(source: str, kernels: list[KernelDeclaration]) -> str:
         'extern "C" __attribute__((visibility("hidden"))) char __start_gpumlp_shared[], __stop_gpumlp_shared[];',
         "// Makes the section exist in a module without __shared__ variables.",
         '__attribute__((section("gpumlp_shared"), used)) static char gpumlp_shared_anchor;',
-        f'extern "C" {{ __attribute__((aligned(256))) char gpumlp_dynamic_shared[{DYNAMIC_SHARED_CAPACITY}]; }}',
-        'extern "C" GPUMLP_EXPORT const gpumlp_module_memory gpumlp_memory = {',
-        "    __start_gpumlp_shared, __stop_gpumlp_shared, gpumlp_dynamic_shared, sizeof gpumlp_dynamic_shared};",
+        "// Page-aligned and whole pages, so that memcheck can make the pages past a launch's size PROT_NONE.",
+        f'extern "C" {{ __attribute__((aligned(4096))) char gpumlp_dynamic_shared[{DYNAMIC_SHARED_MAPPED}]; }}',
+        'extern "C" GPUMLP_EXPORT gpumlp_module_memory gpumlp_memory = {',
+        f"    __start_gpumlp_shared, __stop_gpumlp_shared, gpumlp_dynamic_shared, {DYNAMIC_SHARED_CAPACITY},",
+        "    sizeof gpumlp_dynamic_shared, sizeof gpumlp_dynamic_shared};",
         "// Every extern __shared__ array of a CUDA module starts at the same address: alias them all.",
     ]
     lines += [f'asm(".globl {name}\\n.hidden {name}\\n.set {name}, gpumlp_dynamic_shared\\n");'

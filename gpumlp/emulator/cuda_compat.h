@@ -92,10 +92,14 @@ GPUMLP_EXPORT unsigned long long gpumlp_warp_op(int kind, unsigned int mask, uns
                                                 unsigned int argument, int width);
 
 // Where one compiled module keeps its shared memory; the glue code of each module exports one.
+// `dynamic` is page-aligned, `dynamic_mapped` bytes long: `dynamic_capacity` (the most a launch may
+// give) then a guard zone, whole pages. With memcheck the scheduler makes the pages past a launch's
+// dynamic shared memory PROT_NONE; `dynamic_accessible` is where its PROT_NONE pages begin (a byte
+// offset from `dynamic`; `dynamic_mapped` when none are), kept between launches.
 struct gpumlp_module_memory {
     char *static_begin, *static_end;
     char *dynamic;
-    size_t dynamic_capacity;
+    size_t dynamic_capacity, dynamic_mapped, dynamic_accessible;
 };
 }
 

@@ -9,9 +9,11 @@
 // threads run last to first, blocks run in launch order, reversed or in a seeded random order,
 // subnormal floats flushed to zero as CuPy's -ftz=true compiles them, and memcheck: every array
 // argument is copied between guard pages for the launch, so an access past either end faults and
-// is reported with the argument and the element index. A cooperative launch (flag COOPERATIVE)
-// keeps every block resident, with this_grid().sync() as a grid-wide barrier and barrier_arrive /
-// barrier_wait as a split one, of which the flag SPLIT_AT_WAIT makes the wait the real barrier.
+// is reported with the argument and the element index; the pages past the launch's dynamic shared
+// memory are guarded too (their sub-page tail by a fill pattern checked after each block). A
+// cooperative launch (flag COOPERATIVE) keeps every block resident, with this_grid().sync() as a
+// grid-wide barrier and barrier_arrive / barrier_wait as a split one, of which the flag
+// SPLIT_AT_WAIT makes the wait the real barrier.
 #include "cuda_compat.h"
 
 #include <pthread.h>
@@ -793,6 +795,113 @@ static int memcheck_finish(int check) {
     return found;
 }
 
+// ---- memcheck: the launch's dynamic shared memory ------------------------------------------------
+// Every extern __shared__ array of a module is one buffer at an address fixed when the module is
+// linked (gpumlp_module_memory.dynamic: page-aligned, the capacity then a guard zone), of which a
+// launch gives shared_bytes. With memcheck every whole page past them is PROT_NONE for the launch,
+// so an access there faults and is reported with its byte offset; the bytes between shared_bytes
+// and that page boundary (the tail, less than a page) hold a fill pattern, checked after each block
+// ran (in a cooperative launch: after each of its runs between grid barriers, before its shared
+// memory is saved): a write there is found then, a read there sees the pattern (0xFF bytes, a NaN,
+// with poison_shared; else the canary). The protection stays between launches and changes only
+// when a launch's size crosses a page boundary: ctypes never unloads a module, so the buffer's
+// record of it (dynamic_accessible) stays true.
+static struct {
+    int active;                    // this launch has memcheck on
+    char *begin, *tail, *guard, *guard_end;   // [tail, guard): the tail; [guard, guard_end): PROT_NONE
+    size_t shared_bytes;
+    unsigned char fill;
+} DS;
+
+// 4 KiB of each fill pattern of the tail (poison, canary), for memcmp against the tail in steps.
+static unsigned char fill_page[2][4096];
+
+// Protects the buffer's whole pages from the first page boundary at or past `accessible` bytes
+// (all of them from `dynamic` for 0) and opens those before it. 0, or 1 when mprotect failed.
+static int protect_dynamic_shared(gpumlp_module_memory *memory, size_t accessible) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), begin = (uintptr_t)memory->dynamic;
+    const uintptr_t first = (begin + page - 1) & ~(page - 1), last = (begin + memory->dynamic_mapped) & ~(page - 1);
+    auto boundary = [&](size_t bytes) {
+        uintptr_t at = (begin + bytes + page - 1) & ~(page - 1);
+        return at < first ? first : at > last ? last : at;
+    };
+    const uintptr_t now = boundary(memory->dynamic_accessible), wanted = boundary(accessible);
+    if (wanted < now && mprotect((void *)wanted, now - wanted, PROT_NONE)) return 1;
+    if (wanted > now && mprotect((void *)now, wanted - now, PROT_READ | PROT_WRITE)) return 1;
+    memory->dynamic_accessible = wanted - begin;
+    DS.begin = memory->dynamic;
+    DS.guard = (char *)wanted;
+    DS.guard_end = (char *)last;
+    return 0;
+}
+
+// Sets up the launch's guard (memcheck) or lifts it; 0, or 1 with a message.
+static int guard_dynamic_shared(gpumlp_module_memory *memory, size_t shared_bytes, int memcheck, int poison_shared) {
+    DS.active = 0;
+    if (protect_dynamic_shared(memory, memcheck ? shared_bytes : memory->dynamic_mapped)) {
+        snprintf(S.message, S.message_size, "memcheck could not protect the pages past %zu bytes of dynamic shared "
+                 "memory", shared_bytes);
+        return 1;
+    }
+    if (!memcheck) return 0;
+    DS.active = 1;
+    DS.shared_bytes = shared_bytes;
+    DS.tail = memory->dynamic + shared_bytes;
+    DS.fill = poison_shared ? 0xff : CANARY;
+    if (!fill_page[0][0]) {
+        memset(fill_page[0], 0xff, sizeof fill_page[0]);
+        memset(fill_page[1], CANARY, sizeof fill_page[1]);
+    }
+    if (DS.guard > DS.tail) memset(DS.tail, DS.fill, DS.guard - DS.tail);
+    return 0;
+}
+
+// 1,234,567: the sizes and offsets of a dynamic shared memory report.
+static const char *with_commas(unsigned long long value, char text[32]) {
+    char digits[24];
+    int length = snprintf(digits, sizeof digits, "%llu", value), at = 0;
+    for (int i = 0; i < length; ++i) {
+        if (i && (length - i) % 3 == 0) text[at++] = ',';
+        text[at++] = digits[i];
+    }
+    text[at] = 0;
+    return text;
+}
+
+static void append_dynamic_shared_overrun(const char *verb, uintptr_t address) {
+    char bytes[32], offset[32];
+    append("%s past the %s bytes of dynamic shared memory the launch gives (byte offset %s of the dynamic shared "
+           "memory) (memcheck)", verb, with_commas(DS.shared_bytes, bytes),
+           with_commas(address - (uintptr_t)DS.begin, offset));
+}
+
+// A fault in the PROT_NONE pages past the launch's dynamic shared memory. 1 when it was one.
+static int append_dynamic_shared_fault(uintptr_t address) {
+    if (!DS.active || address < (uintptr_t)DS.guard || address >= (uintptr_t)DS.guard_end) return 0;
+    append_dynamic_shared_overrun(crash_write == 1 ? "wrote" : crash_write == 0 ? "read" : "accessed", address);
+    return 1;
+}
+
+// After a block ran: 1, with the launch failed, when a byte of the tail lost its fill pattern.
+static int dynamic_shared_tail_overwritten(void) {
+    if (!DS.active) return 0;
+    const unsigned char *pattern = fill_page[DS.fill == 0xff ? 0 : 1];
+    for (char *chunk = DS.tail; chunk < DS.guard; chunk += sizeof fill_page[0]) {
+        size_t length = (size_t)(DS.guard - chunk) < sizeof fill_page[0] ? (size_t)(DS.guard - chunk)
+                                                                          : sizeof fill_page[0];
+        if (!memcmp(chunk, pattern, length)) continue;
+        char *byte = chunk;
+        while ((unsigned char)*byte == DS.fill) ++byte;
+        S.message[0] = 0;
+        append_dynamic_shared_overrun("wrote", (uintptr_t)byte);
+        append(" in block (%u,%u,%u) (found after the block ran; which thread wrote it is not known)", blockIdx.x,
+               blockIdx.y, blockIdx.z);
+        S.failed = 1;
+        return 1;
+    }
+    return 0;
+}
+
 static void report_crash(void) {
     const char *what = crash_signal == SIGSEGV ? "SIGSEGV (invalid memory access)"
                      : crash_signal == SIGBUS  ? "SIGBUS (misaligned or unmapped memory access)"
@@ -801,7 +910,8 @@ static void report_crash(void) {
                                                : "SIGABRT (assert failed or abort called)";
     const fiber *f = &S.fibers[S.current];
     S.message[0] = 0;
-    if (crash_signal == SIGSEGV && append_memcheck_fault((uintptr_t)crash_address))
+    if (crash_signal == SIGSEGV && (append_memcheck_fault((uintptr_t)crash_address) ||
+                                    append_dynamic_shared_fault((uintptr_t)crash_address)))
         append(" in block (%u,%u,%u), thread (%u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z, f->index.x, f->index.y,
                f->index.z);
     else
@@ -846,10 +956,10 @@ static unsigned long long shuffle_bits(unsigned long long x, unsigned long long 
     return x;
 }
 
-static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+static void run_grid_cooperatively(const unsigned int grid[3], gpumlp_module_memory *memory,
                                    size_t shared_bytes, int poison_shared, int order, unsigned long long seed);
 
-static void run_grid(const unsigned int grid[3], const gpumlp_module_memory *memory, size_t shared_bytes,
+static void run_grid(const unsigned int grid[3], gpumlp_module_memory *memory, size_t shared_bytes,
                      int poison_shared, int order, unsigned long long seed) {
     if (C.requested) {
         run_grid_cooperatively(grid, memory, shared_bytes, poison_shared, order, seed);
@@ -871,7 +981,7 @@ static void run_grid(const unsigned int grid[3], const gpumlp_module_memory *mem
             memset(memory->static_begin, 0xff, memory->static_end - memory->static_begin);
             memset(memory->dynamic, 0xff, shared_bytes);
         }
-        if (run_block()) return;
+        if (run_block() || dynamic_shared_tail_overwritten()) return;
     }
 }
 
@@ -906,7 +1016,7 @@ static void leave_flush_to_zero(unsigned long long saved) {
 // `slots` holds one 8-byte slot per kernel argument: an array's data pointer or a scalar's bytes;
 // `extents` (only with MEMCHECK) says which slots are arrays and how large.
 extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned int dimensions[6], size_t shared_bytes,
-                                           const gpumlp_module_memory *memory, int flags, int block_order,
+                                           gpumlp_module_memory *memory, int flags, int block_order,
                                            unsigned long long seed, const unsigned long long *slots,
                                            int argument_count, const gpumlp_argument_extent *extents,
                                            char *message, size_t message_size) {
@@ -950,6 +1060,11 @@ extern "C" GPUMLP_EXPORT int gpumlp_launch(kernel_entry entry, const unsigned in
     const int memcheck = (flags & MEMCHECK) != 0;
     if (memcheck && memcheck_prepare(own_slots, extents, argument_count)) {
         memcheck_finish(0);
+        pthread_mutex_unlock(&launch_lock);
+        return 1;
+    }
+    if (guard_dynamic_shared(memory, shared_bytes, memcheck, flags & POISON_SHARED)) {
+        if (memcheck) memcheck_finish(0);
         pthread_mutex_unlock(&launch_lock);
         return 1;
     }
@@ -1179,7 +1294,7 @@ static int release_grid_barrier(int blocks, int threads) {
 }
 
 // Runs the grid of a cooperative launch; a failure is left in S.failed and S.message.
-static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_module_memory *memory,
+static void run_grid_cooperatively(const unsigned int grid[3], gpumlp_module_memory *memory,
                                    size_t shared_bytes, int poison_shared, int order, unsigned long long seed) {
     const int threads = S.thread_count;
     const unsigned long long block_count = (unsigned long long)grid[0] * grid[1] * grid[2];
@@ -1234,7 +1349,7 @@ static void run_grid_cooperatively(const unsigned int grid[3], const gpumlp_modu
             S.resume_position = -1;
             memset(S.warp_arrived, 0, sizeof S.warp_arrived);
             run_fiber(&S.scheduler, next_runnable());
-            if (S.failed || S.deadlocked) return;
+            if (S.failed || S.deadlocked || dynamic_shared_tail_overwritten()) return;
             memcpy(saved, S.fibers, threads * sizeof(fiber));
             memcpy(saved_shared, memory->static_begin, static_bytes);
             memcpy(saved_shared + static_bytes, memory->dynamic, shared_bytes);
