@@ -63,10 +63,10 @@
 // another (one wait per row of the warp, row_forward); in the partial pass each column j of a
 // thread (ceil(n_in / 256) columns one after another) reads its memory rows with loads only; in
 // the step each column walks the memory rows in groups of SP_COLUMN_GROUP = 4 rows, one wait per
-// group that holds a global row (after the arrive: they overlap the barrier). With momentum the hidden weights'
-// velocities (vW, global) are read in the step: every group of 4 memory rows waits once (shared
-// rows too), and the register tile's rows read theirs row after row in each column (up to
-// register_rows dependent waits per column: that walk is not grouped). The hidden biases'
+// group that holds a global row (after the arrive: they overlap the barrier). With momentum the
+// hidden weights' velocities (vW, global) are read in the step: every group of 4 memory rows waits
+// once (shared rows too), and the register tile's rows read theirs row after row in each column (up
+// to register_rows dependent waits per column: that walk is not grouped). The hidden biases'
 // velocities are in the scratch: no wait.
 // Why no barrier between images: every buffer another block reads is rewritten only after a grid
 // barrier that follows its last read: y_l (l < L-2) and partial_l are last read in the backward
