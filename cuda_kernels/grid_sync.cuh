@@ -46,7 +46,8 @@ __device__ __forceinline__ void grid_wait(unsigned int* barrier, GridArrival& ar
 {
 #ifdef GPUMLP_EMULATOR
     (void)barrier;
-    cooperative_groups::this_grid().barrier_wait(static_cast<cooperative_groups::grid_group::arrival_token&&>(arrival.token));
+    using Token = cooperative_groups::grid_group::arrival_token;
+    cooperative_groups::this_grid().barrier_wait(static_cast<Token&&>(arrival.token));
 #else
     if (threadIdx.x == 0) {
         while (((arrival.before ^ *(volatile unsigned int*)barrier) & 0x80000000u) == 0) {

@@ -71,6 +71,13 @@ SHARED_BYTES_WITHOUT_OPT_IN = 48 * 1024
 SHARED_BYTES_WITH_OPT_IN = 227 * 1024
 
 
+def _one_of(setting: str, value: str, allowed) -> str:
+    """`value` when it is one of `allowed`, else the ValueError naming the setting."""
+    if value not in allowed:
+        raise ValueError(f"{setting} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 class KernelNotFoundError(KeyError):
     def __str__(self):
         return self.args[0]
@@ -310,9 +317,7 @@ class Module:
 
     @block_order.setter
     def block_order(self, order: str) -> None:
-        if order not in BLOCK_ORDERS:
-            raise ValueError(f"block_order must be one of {', '.join(BLOCK_ORDERS)}, got {order!r}")
-        self._block_order = order
+        self._block_order = _one_of("block_order", order, BLOCK_ORDERS)
 
     @property
     def split_barrier(self) -> str:
@@ -320,9 +325,7 @@ class Module:
 
     @split_barrier.setter
     def split_barrier(self, half: str) -> None:
-        if half not in SPLIT_BARRIERS:
-            raise ValueError(f"split_barrier must be one of {', '.join(SPLIT_BARRIERS)}, got {half!r}")
-        self._split_barrier = half
+        self._split_barrier = _one_of("split_barrier", half, SPLIT_BARRIERS)
 
     def static_shared_bytes(self, kernel: str) -> int:
         return self._static_shared.get(kernel, self._all_static_shared)
